@@ -1,0 +1,445 @@
+"""Tests for the on-disk ticket format (ticketsearch.sparsity.ticketfile)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ticketsearch.sparsity import ticketfile
+from ticketsearch.sparsity.ticketfile import (
+    FORMAT_VERSION,
+    TicketFormatError,
+    pack_mask,
+    read_ticket_dir,
+    unpack_mask,
+    write_ticket_dir,
+)
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+
+def _hand_masks() -> dict[str, torch.Tensor]:
+    """Masks with known counts: conv 5 of 27 kept, fc 7 of 10 kept (numeric 0/1)."""
+    conv = torch.zeros(3, 3, 3, dtype=torch.bool)
+    conv.view(-1)[[0, 4, 8, 13, 26]] = True
+    fc = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 0, 1]], dtype=torch.float32)
+    return {"conv.weight": conv, "fc.weight": fc}
+
+
+def _state() -> dict[str, torch.Tensor]:
+    """A rewind-point state with every kind of tensor a CIFAR model has, plus bfloat16."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "conv.weight": torch.randn(3, 3, 3, generator=gen),
+        "bn.weight": torch.rand(3, generator=gen),
+        "bn.bias": torch.randn(3, generator=gen),
+        "bn.running_mean": torch.randn(3, generator=gen),
+        "bn.running_var": torch.rand(3, generator=gen) + 0.5,
+        "bn.num_batches_tracked": torch.tensor(391, dtype=torch.int64),
+        "fc.weight": torch.randn(2, 5, generator=gen),
+        "fc.bias": torch.randn(2, generator=gen).to(torch.bfloat16),
+        "extra.half": torch.randn(3, generator=gen).to(torch.float16),
+        "extra.flags": torch.tensor([True, False, True]),
+    }
+
+
+META = {"method": "cs", "model": "resnet20", "rewind_epoch": 2, "test_accuracy": 0.9125}
+
+
+@pytest.fixture
+def ticket(tmp_path: Path) -> Path:
+    """A freshly written ticket directory."""
+    return write_ticket_dir(tmp_path / "t1", _hand_masks(), _state(), META)
+
+
+def _flip_byte(path: Path, index: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[index] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------------------
+# pack / unpack
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 3, 3), (7,), (1,), (100, 10), (8,), (2, 0, 3), ()])
+@pytest.mark.parametrize("kind", ["random", "zeros", "ones"])
+def test_pack_unpack_round_trip(shape: tuple[int, ...], kind: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    if kind == "random":
+        mask = torch.rand(shape, generator=gen) < 0.3
+    elif kind == "zeros":
+        mask = torch.zeros(shape, dtype=torch.bool)
+    else:
+        mask = torch.ones(shape, dtype=torch.bool)
+    packed = pack_mask(mask)
+    assert len(packed) == math.ceil(mask.numel() / 8)
+    restored = unpack_mask(packed, shape)
+    assert restored.dtype == torch.bool
+    assert restored.shape == torch.Size(shape)
+    assert torch.equal(restored, mask)
+
+
+def test_pack_is_one_bit_per_weight_big_bit_order() -> None:
+    assert len(pack_mask(torch.ones(64, dtype=torch.bool))) == 8
+    mask = torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1, 1], dtype=torch.bool)
+    assert pack_mask(mask) == bytes([0b10000001, 0b11000000])
+    assert pack_mask(torch.ones(7, dtype=torch.bool)) == bytes([0b11111110])
+
+
+def test_pack_flattens_in_c_order() -> None:
+    mask = torch.tensor([[1, 0], [0, 0], [0, 0], [0, 1]], dtype=torch.bool)
+    assert pack_mask(mask) == bytes([0b10000001])
+    assert pack_mask(mask.t().contiguous().t()) == bytes([0b10000001])
+
+
+def test_pack_accepts_numeric_zero_one_and_rejects_other_values() -> None:
+    numeric = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    assert pack_mask(numeric) == pack_mask(numeric.bool())
+    assert pack_mask(torch.tensor([1, 0, 1], dtype=torch.int64)) == bytes([0b10100000])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        pack_mask(torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        pack_mask(torch.tensor([float("nan"), 1.0]))
+
+
+def test_unpack_rejects_wrong_length_and_set_padding_bits() -> None:
+    with pytest.raises(ValueError, match="needs 2 bytes, got 1"):
+        unpack_mask(b"\xff", (9,))
+    with pytest.raises(ValueError, match="padding bits"):
+        unpack_mask(bytes([0b11111111]), (7,))
+    assert unpack_mask(bytes([0b11111110]), (7,)).all()
+
+
+def test_unpacked_mask_is_fresh_and_writable() -> None:
+    data = bytearray(pack_mask(torch.ones(16, dtype=torch.bool)))
+    mask = unpack_mask(bytes(data), (4, 4))
+    mask[0, 0] = False
+    data[0] = 0
+    assert int(mask.sum()) == 15
+
+
+# ---------------------------------------------------------------------------
+# Full round trip
+# ---------------------------------------------------------------------------
+
+
+def test_round_trip_is_bit_exact(ticket: Path) -> None:
+    masks, state, document = read_ticket_dir(ticket)
+    expected_masks = {name: mask.bool() for name, mask in _hand_masks().items()}
+    assert list(masks) == list(expected_masks)
+    for name, mask in expected_masks.items():
+        assert masks[name].dtype == torch.bool
+        assert torch.equal(masks[name], mask)
+    expected_state = _state()
+    assert list(state) == list(expected_state)
+    for name, tensor in expected_state.items():
+        assert state[name].dtype == tensor.dtype, name
+        assert state[name].shape == tensor.shape, name
+        assert torch.equal(state[name], tensor), name
+    assert state["bn.num_batches_tracked"].item() == 391
+    assert state["bn.num_batches_tracked"].dim() == 0
+    for key, value in META.items():
+        assert document[key] == value
+
+
+def test_returned_tensors_are_writable_and_independent(ticket: Path) -> None:
+    masks, state, _ = read_ticket_dir(ticket)
+    state["conv.weight"].add_(1.0)
+    state["fc.bias"].zero_()
+    masks["fc.weight"].fill_(False)
+    masks2, state2, _ = read_ticket_dir(ticket)
+    assert torch.equal(state2["conv.weight"], _state()["conv.weight"])
+    assert int(masks2["fc.weight"].sum()) == 7
+
+
+def test_metadata_sparsity_and_densities(ticket: Path) -> None:
+    document = json.loads((ticket / "ticket.json").read_text(encoding="utf-8"))
+    assert document["format_version"] == FORMAT_VERSION == 1
+    assert document["total_masked"] == 37
+    assert document["total_kept"] == 12
+    assert document["sparsity"] == pytest.approx(25 / 37)
+    conv, fc = document["masks"]
+    assert conv == {
+        "name": "conv.weight",
+        "shape": [3, 3, 3],
+        "numel": 27,
+        "density": pytest.approx(5 / 27),
+        "offset": 0,
+        "nbytes": 4,
+    }
+    assert fc == {
+        "name": "fc.weight",
+        "shape": [2, 5],
+        "numel": 10,
+        "density": pytest.approx(0.7),
+        "offset": 4,
+        "nbytes": 2,
+    }
+    by_name = {entry["name"]: entry for entry in document["state"]}
+    assert by_name["bn.num_batches_tracked"] == {
+        "name": "bn.num_batches_tracked",
+        "dtype": "int64",
+        "shape": [],
+        "offset": by_name["bn.num_batches_tracked"]["offset"],
+        "nbytes": 8,
+    }
+    assert by_name["fc.bias"]["dtype"] == "bfloat16"
+    assert by_name["fc.bias"]["nbytes"] == 4
+    assert by_name["extra.half"]["dtype"] == "float16"
+    assert by_name["extra.flags"]["dtype"] == "bool"
+    assert all(entry["offset"] % 8 == 0 for entry in document["state"])
+
+
+def test_ticket_json_is_indented_sorted_utf8(tmp_path: Path) -> None:
+    path = write_ticket_dir(tmp_path / "t", _hand_masks(), {}, {"note": "schön", "a": 1})
+    text = (path / "ticket.json").read_bytes().decode("utf-8")
+    assert "schön" in text
+    assert text.startswith('{\n  "a": 1,\n')
+    keys = list(json.loads(text))
+    assert keys == sorted(keys)
+
+
+def test_checksums_in_json_match_files(ticket: Path) -> None:
+    document = json.loads((ticket / "ticket.json").read_text(encoding="utf-8"))
+    masks_sha = hashlib.sha256((ticket / "masks.bin").read_bytes()).hexdigest()
+    state_sha = hashlib.sha256((ticket / "state.bin").read_bytes()).hexdigest()
+    assert document["mask_sha256"] == masks_sha
+    assert document["state_sha256"] == state_sha
+
+
+def test_files_are_raw_bytes_not_pickle(ticket: Path) -> None:
+    masks_bin = (ticket / "masks.bin").read_bytes()
+    state_bin = (ticket / "state.bin").read_bytes()
+    assert len(masks_bin) == math.ceil(27 / 8) + math.ceil(10 / 8) == 6
+    # float32 conv 27*4=108 -> pad to 112; bn weight/bias/mean/var 4*(12 -> 16) = 64 -> 176;
+    # int64 scalar 8 -> 184; fc.weight 40 -> 224; bf16 fc.bias 4 -> 228, pad 232;
+    # fp16 extra.half 6 -> 238, pad 240; bool extra.flags 3 -> 243.
+    assert len(state_bin) == 243
+    assert masks_bin[:1] != b"\x80"
+    assert state_bin[:1] != b"\x80"
+    assert b"\x80\x02" not in state_bin[:2] and b"PK" not in state_bin[:2]
+    assert masks_bin == pack_mask(_hand_masks()["conv.weight"]) + pack_mask(
+        _hand_masks()["fc.weight"]
+    )
+    assert state_bin[:108] == _state()["conv.weight"].numpy().astype("<f4").tobytes()
+    assert state_bin[108:112] == bytes(4)
+
+
+def test_write_accepts_masks_and_state_on_other_layouts(tmp_path: Path) -> None:
+    weight = torch.randn(4, 6)
+    mask = (torch.rand(6, 4) > 0.5).t()
+    path = write_ticket_dir(
+        tmp_path / "t", {"w": mask}, {"w": weight.t(), "p": torch.nn.Parameter(torch.ones(2))}, {}
+    )
+    masks, state, _ = read_ticket_dir(path)
+    assert torch.equal(masks["w"], mask)
+    assert torch.equal(state["w"], weight.t())
+    assert type(state["p"]) is torch.Tensor
+
+
+# ---------------------------------------------------------------------------
+# Write errors
+# ---------------------------------------------------------------------------
+
+
+def test_write_onto_existing_path_leaves_old_ticket_untouched(ticket: Path) -> None:
+    before = {name: (ticket / name).read_bytes() for name in ticketfile.TICKET_FILES}
+    other = {"conv.weight": torch.ones(3, dtype=torch.bool)}
+    with pytest.raises(FileExistsError, match="t1"):
+        write_ticket_dir(ticket, other, {}, {})
+    after = {name: (ticket / name).read_bytes() for name in ticketfile.TICKET_FILES}
+    assert after == before
+    assert sorted(os.listdir(ticket.parent)) == ["t1"]
+
+
+@pytest.mark.parametrize(
+    "meta, needle",
+    [
+        ({"test_accuracy": float("nan")}, "meta\\['test_accuracy'\\]"),
+        ({"settings": {"lr": float("inf")}}, "meta\\['settings'\\]"),
+        ({"model": object()}, "meta\\['model'\\]"),
+        ({"epochs": torch.tensor(3)}, "meta\\['epochs'\\]"),
+        ({"sparsity": 0.5}, "meta key 'sparsity' is reserved"),
+        ({1: "x"}, "meta keys must be strings"),
+    ],
+)
+def test_bad_meta_raises_and_leaves_nothing(tmp_path: Path, meta: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        write_ticket_dir(tmp_path / "t", _hand_masks(), _state(), meta)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_masks_and_state_raise_naming_the_tensor(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mask 'm' must contain only 0 and 1"):
+        write_ticket_dir(tmp_path / "t", {"m": torch.tensor([0, 2])}, {}, {})
+    with pytest.raises(ValueError, match="masks is empty"):
+        write_ticket_dir(tmp_path / "t", {}, {}, {})
+    with pytest.raises(ValueError, match="state 'z' has dtype torch.complex64"):
+        write_ticket_dir(
+            tmp_path / "t", _hand_masks(), {"z": torch.zeros(2, dtype=torch.complex64)}, {}
+        )
+    with pytest.raises(TypeError, match="state 'n' must be a torch.Tensor"):
+        write_ticket_dir(tmp_path / "t", _hand_masks(), {"n": [1.0]}, {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_failure_during_write_removes_temp_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_rename(src: object, dst: object) -> None:
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(ticketfile.os, "rename", broken_rename)
+    with pytest.raises(OSError, match="disk went away"):
+        write_ticket_dir(tmp_path / "t", _hand_masks(), _state(), META)
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_creates_missing_parents(tmp_path: Path) -> None:
+    path = write_ticket_dir(tmp_path / "a" / "b" / "t", _hand_masks(), _state(), META)
+    assert path == tmp_path / "a" / "b" / "t"
+    assert sorted(os.listdir(path)) == ["masks.bin", "state.bin", "ticket.json"]
+
+
+# ---------------------------------------------------------------------------
+# Read errors
+# ---------------------------------------------------------------------------
+
+
+def test_flipped_byte_in_masks_bin_is_a_checksum_error(ticket: Path) -> None:
+    _flip_byte(ticket / "masks.bin", 1)
+    with pytest.raises(TicketFormatError, match="masks.bin checksum mismatch"):
+        read_ticket_dir(ticket)
+
+
+def test_flipped_byte_in_state_bin_is_a_checksum_error(ticket: Path) -> None:
+    _flip_byte(ticket / "state.bin", 200)
+    with pytest.raises(TicketFormatError, match="state.bin checksum mismatch"):
+        read_ticket_dir(ticket)
+
+
+def test_truncated_masks_bin(ticket: Path) -> None:
+    data = (ticket / "masks.bin").read_bytes()
+    (ticket / "masks.bin").write_bytes(data[:-2])
+    with pytest.raises(
+        TicketFormatError, match="masks.bin is truncated: expected 6 bytes, found 4"
+    ):
+        read_ticket_dir(ticket)
+
+
+def test_truncated_state_bin(ticket: Path) -> None:
+    data = (ticket / "state.bin").read_bytes()
+    (ticket / "state.bin").write_bytes(data[:100])
+    with pytest.raises(
+        TicketFormatError, match="state.bin is truncated: expected 243 bytes, found 100"
+    ):
+        read_ticket_dir(ticket)
+
+
+def test_extra_bytes_in_state_bin(ticket: Path) -> None:
+    with open(ticket / "state.bin", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(
+        TicketFormatError, match="state.bin is too long: expected 243 bytes, found 244"
+    ):
+        read_ticket_dir(ticket)
+
+
+def test_garbage_ticket_json(ticket: Path) -> None:
+    (ticket / "ticket.json").write_bytes(b"\x00{not json")
+    with pytest.raises(TicketFormatError, match="ticket.json is not valid"):
+        read_ticket_dir(ticket)
+
+
+def test_ticket_json_not_an_object(ticket: Path) -> None:
+    (ticket / "ticket.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(TicketFormatError, match="ticket.json must hold a JSON object"):
+        read_ticket_dir(ticket)
+
+
+@pytest.mark.parametrize("filename", ["ticket.json", "masks.bin", "state.bin"])
+def test_missing_file_is_named(ticket: Path, filename: str) -> None:
+    (ticket / filename).unlink()
+    with pytest.raises(TicketFormatError, match=f"{filename} is missing"):
+        read_ticket_dir(ticket)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(TicketFormatError, match="no ticket directory exists"):
+        read_ticket_dir(tmp_path / "nope")
+
+
+def _edit_json(ticket: Path, edit) -> None:
+    document = json.loads((ticket / "ticket.json").read_text(encoding="utf-8"))
+    edit(document)
+    (ticket / "ticket.json").write_text(json.dumps(document), encoding="utf-8")
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", True])
+def test_unsupported_format_version(ticket: Path, version: object) -> None:
+    _edit_json(ticket, lambda d: d.update(format_version=version))
+    with pytest.raises(TicketFormatError, match=r"reads format versions \[1\]"):
+        read_ticket_dir(ticket)
+
+
+def test_missing_writer_key(ticket: Path) -> None:
+    _edit_json(ticket, lambda d: d.pop("state_sha256"))
+    with pytest.raises(TicketFormatError, match=r"ticket.json lacks the keys \['state_sha256'\]"):
+        read_ticket_dir(ticket)
+
+
+def test_unknown_dtype(ticket: Path) -> None:
+    _edit_json(ticket, lambda d: d["state"][0].update(dtype="float8"))
+    with pytest.raises(TicketFormatError, match="unknown dtype 'float8'"):
+        read_ticket_dir(ticket)
+
+
+def test_inconsistent_mask_index(ticket: Path) -> None:
+    _edit_json(ticket, lambda d: d["masks"][1].update(offset=3))
+    with pytest.raises(TicketFormatError, match="mask 'fc.weight' has offset=3, expected 4"):
+        read_ticket_dir(ticket)
+
+
+def test_inconsistent_state_shape(ticket: Path) -> None:
+    _edit_json(ticket, lambda d: d["state"][0].update(shape=[3, 3, 4]))
+    with pytest.raises(TicketFormatError, match="state 'conv.weight' has nbytes=108, expected 144"):
+        read_ticket_dir(ticket)
+
+
+def test_misaligned_state_offset(ticket: Path) -> None:
+    _edit_json(ticket, lambda d: d["state"][1].update(offset=108))
+    with pytest.raises(TicketFormatError, match="state 'bn.weight' has offset=108, expected 112"):
+        read_ticket_dir(ticket)
+
+
+def test_recorded_total_kept_must_match_masks(ticket: Path) -> None:
+    _edit_json(ticket, lambda d: d.update(total_kept=13))
+    with pytest.raises(TicketFormatError, match="total_kept=13 but masks.bin gives 12"):
+        read_ticket_dir(ticket)
+
+
+def test_nonzero_padding_bits_are_rejected(tmp_path: Path) -> None:
+    path = write_ticket_dir(tmp_path / "t", {"m": torch.ones(7, dtype=torch.bool)}, {}, {})
+    (path / "masks.bin").write_bytes(b"\xff")
+    _edit_json(path, lambda d: d.update(mask_sha256=hashlib.sha256(b"\xff").hexdigest()))
+    with pytest.raises(TicketFormatError, match="masks.bin mask 'm'.*padding bits"):
+        read_ticket_dir(path)
+
+
+def test_empty_state_round_trips(tmp_path: Path) -> None:
+    path = write_ticket_dir(tmp_path / "t", _hand_masks(), {}, {})
+    assert (path / "state.bin").read_bytes() == b""
+    masks, state, document = read_ticket_dir(path)
+    assert state == {}
+    assert document["state"] == []
+    assert int(masks["conv.weight"].sum()) == 5

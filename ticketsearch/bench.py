@@ -1,0 +1,139 @@
+"""``ticketsearch bench overhead``: what masking and our loop cost, measured side by side.
+
+For each model, three epoch kinds run interleaved (rotating order) in one process:
+- ``dense``: the package's ``train_epoch`` on the unmasked model;
+- ``cs``: the package's ``train_epoch`` on the CS soft-masked model with the L0 penalty;
+- ``minimal``: a hand-written PyTorch loop (zero_grad, forward, cross-entropy, backward,
+  step) over the same batches with the same optimizer settings.
+It reports the median epoch seconds of each and the ratios CS/dense and loop/minimal.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import load_dataset
+from .models import create_model, masked_layer_names, model_info
+from .sparsity import cs
+from .sparsity.masks import add_soft_masks
+from .spec import DataSpec, TrainSpec
+from .training import make_optimizer, resolve_device, train_epoch
+
+TARGETS = {"cs/dense": 1.10, "loop/minimal": 1.05}
+
+BENCH_DATA = {
+    "mlp": DataSpec(dataset="digits"),
+    "resnet20": DataSpec(dataset="synthetic", synthetic_shape=[3, 32, 32], synthetic_size=1024),
+}
+
+
+@dataclass
+class OverheadResult:
+    model: str
+    device: str
+    batches: int
+    repeats: int
+    dense_s: float
+    cs_s: float
+    minimal_s: float
+
+    @property
+    def cs_ratio(self) -> float:
+        return self.cs_s / self.dense_s
+
+    @property
+    def loop_ratio(self) -> float:
+        return self.dense_s / self.minimal_s
+
+    def row(self) -> dict:
+        return {
+            "model": self.model, "device": self.device, "batches/epoch": self.batches,
+            "repeats": self.repeats, "dense_s": round(self.dense_s, 4),
+            "cs_s": round(self.cs_s, 4), "minimal_s": round(self.minimal_s, 4),
+            "cs/dense": round(self.cs_ratio, 3), "loop/minimal": round(self.loop_ratio, 3),
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def minimal_epoch(model, batches, optimizer) -> None:
+    """The plainest correct PyTorch training epoch."""
+    model.train()
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_overhead(model_name: str, repeats: int = 5, device: str = "auto",
+                     batch_size: int = 128) -> OverheadResult:
+    """Median epoch seconds of dense, CS and minimal epochs on ``model_name``."""
+    dev = resolve_device(device)
+    data = load_dataset(BENCH_DATA[model_name], dev)
+    train = TrainSpec()
+    torch.manual_seed(0)
+    dense = create_model(model_name, data.num_classes, tuple(data.input_shape)).to(dev)
+    masked = copy.deepcopy(dense)
+    minimal = copy.deepcopy(dense)
+    add_soft_masks(masked, masked_layer_names(masked, model_info(model_name).masked_layers), 0.0)
+    cs.set_beta(masked, 5.0)
+    optimizers = {name: make_optimizer(m, train) for name, m in
+                  (("dense", dense), ("cs", masked), ("minimal", minimal))}
+    generator = torch.Generator().manual_seed(0)
+
+    def batches():
+        return data.train_batches(batch_size, generator)
+
+    def penalty():
+        return 1e-8 * cs.l0_penalty(masked)
+
+    runs = {
+        "dense": lambda: train_epoch(dense, batches(), optimizers["dense"]),
+        "cs": lambda: train_epoch(masked, batches(), optimizers["cs"], penalty),
+        "minimal": lambda: minimal_epoch(minimal, batches(), optimizers["minimal"]),
+    }
+    times = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up
+        fn()
+    order = list(runs)
+    for i in range(repeats):
+        for name in order[i % 3:] + order[: i % 3]:
+            times[name].append(_timed(runs[name], dev))
+    return OverheadResult(
+        model_name, str(dev), data.num_train_batches(batch_size), repeats,
+        statistics.median(times["dense"]), statistics.median(times["cs"]),
+        statistics.median(times["minimal"]),
+    )
+
+
+def format_results(results: list[OverheadResult]) -> str:
+    """A plain-text table of the results plus target verdicts."""
+    rows = [r.row() for r in results]
+    headers = list(rows[0])
+    widths = [max(len(h), *(len(str(row[h])) for row in rows)) for h in headers]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths)) for row in rows]
+    for r in results:
+        for key, ratio in (("cs/dense", r.cs_ratio), ("loop/minimal", r.loop_ratio)):
+            verdict = "meets" if ratio <= TARGETS[key] else "MISSES"
+            lines.append(f"{r.model} on {r.device}: {key} = {ratio:.3f} {verdict} the target "
+                         f"<= {TARGETS[key]:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""The job directory: where a job's trials keep checkpoints, events, tickets and results.
+
+Layout (one folder per job submission, named ``<job name>-<spec hash>``)::
+
+    <storage>/<job>-<hash>/
+        spec.yaml                 the normalised job spec
+        summary.json              per-trial summaries, written when the job finishes
+        trials/<trial_id>/
+            checkpoint.pt         latest resumable state (atomic replace)
+            events.jsonl          one line per trained epoch (and per round end)
+            tickets/<name>/       ticket directories (see sparsity/ticketfile.py)
+            result.json           written once the trial has finished
+
+``TrialDirHooks`` implements the runners' ``Hooks`` on such a folder; it is the building block
+the local executor uses (and which a Ray trial can wrap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .methods import EpochEvent, Hooks, RoundEvent, TrialResult
+from .tickets import Ticket
+
+
+def job_dir(storage: str | Path, job_name: str, spec_hash: str) -> Path:
+    return Path(storage) / f"{job_name}-{spec_hash}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+class TrialDirHooks(Hooks):
+    """Runner hooks that persist everything under one trial directory.
+
+    ``progress`` (optional) is called with each event, for terminal output.
+    """
+
+    def __init__(self, trial_dir: Path, progress=None):
+        self.dir = Path(trial_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.events_path = self.dir / "events.jsonl"
+        self.checkpoint_path = self.dir / "checkpoint.pt"
+        self.progress = progress
+        self._reported = 0
+
+    def _append(self, kind: str, payload: dict) -> None:
+        with self.events_path.open("a") as f:
+            f.write(json.dumps({"kind": kind, **payload}) + "\n")
+
+    def epoch_end(self, event: EpochEvent) -> None:
+        self._append("epoch", asdict(event))
+        if self.progress:
+            self.progress(event)
+
+    def round_end(self, event: RoundEvent) -> None:
+        self._append("round", asdict(event))
+        if self.progress:
+            self.progress(event)
+
+    def ticket_found(self, ticket: Ticket) -> None:
+        target = self.dir / "tickets" / ticket.name
+        if not target.exists():  # a resumed trial may find the same ticket again
+            ticket.save(target)
+        self._append("ticket", {"name": ticket.name, "path": str(target), **ticket.summary()})
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The last checkpoint, or None. Events logged after it are dropped (they will be
+        logged again when the lost epochs are retrained); their count is remembered."""
+        if not self.checkpoint_path.exists():
+            self.events_path.unlink(missing_ok=True)
+            return None
+        state = torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
+        self._truncate_events(state)
+        return state
+
+    def _truncate_events(self, state: dict[str, Any]) -> None:
+        """Keep only the events the checkpoint already accounts for."""
+        if not self.events_path.exists():
+            return
+        limits = {"epoch": len(state["ledger"]["entries"]), "round": len(state["rounds"]),
+                  "ticket": len(state["tickets"])}
+        counts = dict.fromkeys(limits, 0)
+        kept = []
+        for line in self.events_path.read_text().splitlines():
+            try:
+                kind = json.loads(line)["kind"]
+            except (json.JSONDecodeError, KeyError):  # a line cut short by a crash
+                continue
+            counts[kind] += 1
+            if counts[kind] <= limits[kind]:
+                kept.append(line)
+        self._reported = counts["epoch"]
+        self.events_path.write_text("".join(line + "\n" for line in kept))
+
+    def epochs_reported(self) -> int:
+        return self._reported
+
+    def write_result(self, result: TrialResult) -> dict[str, Any]:
+        summary = result.summary()
+        for ticket in summary["tickets"]:
+            ticket["path"] = str(self.dir / "tickets" / ticket["name"])
+        write_json_atomic(self.dir / "result.json", summary)
+        self.checkpoint_path.unlink(missing_ok=True)
+        return summary
+
+
+def read_result(trial_dir: Path) -> dict[str, Any] | None:
+    """A finished trial's result summary, or None if it has not finished."""
+    path = Path(trial_dir) / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_events(trial_dir: Path, kind: str = "epoch") -> list[dict[str, Any]]:
+    """All events of ``kind`` a trial logged, in order."""
+    path = Path(trial_dir) / "events.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["kind"] == kind]

@@ -1,0 +1,123 @@
+"""Run a job's trials one after another in this process (no Ray, no MLflow).
+
+The same runners and the same job directory as a distributed run: re-running the same job
+(same spec hash) skips finished trials and resumes unfinished ones from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .data import load_dataset
+from .jobdir import TrialDirHooks, job_dir, read_result, write_json_atomic
+from .methods import EpochEvent, RoundEvent, run_trial
+from .spec import JobSpec, dump_job
+from .training import resolve_device
+
+
+def prepare_job_dir(job: JobSpec, storage: str | Path | None = None) -> Path:
+    """Create the job directory (``<storage>/<name>-<hash>``) and write the spec into it."""
+    root = job_dir(storage or job.storage.path, job.name, job.spec_hash())
+    (root / "trials").mkdir(parents=True, exist_ok=True)
+    spec_path = root / "spec.yaml"
+    if not spec_path.exists():
+        spec_path.write_text(dump_job(job))
+    return root
+
+
+def round_printer(echo: Callable[[str], None]) -> Callable[[Any], None]:
+    """A progress callback printing one line per finished round."""
+
+    def progress(event) -> None:
+        if isinstance(event, RoundEvent):
+            acc = "-" if event.test_acc is None else f"{event.test_acc:.4f}"
+            echo(f"  {event.trial_id}: {event.phase} round {event.round + 1} done, "
+                 f"sparsity {event.sparsity:.3f}, test acc {acc}")
+        elif isinstance(event, EpochEvent):
+            return
+
+    return progress
+
+
+def run_job_locally(job: JobSpec, storage: str | Path | None = None,
+                    echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every unfinished trial of ``job`` in turn; return and write the job summary."""
+    root = prepare_job_dir(job, storage)
+    echo(f"job {job.name} ({job.spec_hash()}) -> {root}")
+    started = time.time()
+    datasets: dict[str, Any] = {}
+    summaries = []
+    for trial in job.trials():
+        trial_dir = root / "trials" / trial.trial_id
+        done = read_result(trial_dir)
+        if done is not None:
+            echo(f"{trial.name}: already finished, skipped")
+            summaries.append(done)
+            continue
+        key = trial.data.model_dump_json() + trial.train.device
+        if key not in datasets:
+            datasets[key] = load_dataset(trial.data, resolve_device(trial.train.device))
+        echo(f"{trial.name}: started")
+        hooks = TrialDirHooks(trial_dir, progress=round_printer(echo))
+        result = run_trial(trial, datasets[key], hooks)
+        summaries.append(hooks.write_result(result))
+        echo(f"{trial.name}: finished in {result.ledger.wall_clock_s:.1f}s, "
+             f"{result.ledger.epochs()} epochs, {len(result.tickets)} tickets")
+    summary = job_summary(job, summaries, time.time() - started)
+    write_json_atomic(root / "summary.json", summary)
+    summary["job_dir"] = str(root)
+    return summary
+
+
+def _cost(trials: list[dict[str, Any]], phase: str) -> dict[str, int]:
+    epochs = [t["ledger"]["epochs"].get(phase, 0) for t in trials]
+    return {"critical_path": max(epochs, default=0), "total": sum(epochs)}
+
+
+def job_summary(job: JobSpec, trials: list[dict[str, Any]], makespan_s: float) -> dict[str, Any]:
+    """Per-method tickets and costs from the trials' ledgers (epochs trained, not configured)."""
+    methods: dict[str, Any] = {}
+    for method in ("dense", "cs", "imp"):
+        mine = [t for t in trials if t["method"] == method]
+        if not mine:
+            continue
+        wall = [t["ledger"]["wall_clock_s"] for t in mine]
+        methods[method] = {
+            "trials": len(mine),
+            "tickets": [dict(t, trial_id=r["trial_id"]) for r in mine for t in r["tickets"]],
+            "search_epochs": _cost(mine, "search"),
+            "retrain_epochs": _cost(mine, "retrain"),
+            "dense_epochs": _cost(mine, "dense"),
+            "wall_clock_s": {"critical_path": max(wall), "total": sum(wall)},
+            "device_s": sum(t["ledger"]["device_s"] for t in mine),
+            "final": [r["final"] for r in mine],
+        }
+    return {"job": job.name, "spec_hash": job.spec_hash(), "makespan_s": makespan_s,
+            "methods": methods, "trials": trials}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Terminal tables: tickets per method, then epochs and wall-clock per method."""
+    lines = ["tickets (sparsity, val acc, test acc):"]
+    for method, info in summary["methods"].items():
+        for t in sorted(info["tickets"], key=lambda t: t["sparsity"]):
+            val = "-" if t["val_acc"] is None else f"{t['val_acc']:.4f}"
+            test = "-" if t["test_acc"] is None else f"{t['test_acc']:.4f}"
+            lines.append(f"  {method:5s} {t['trial_id']}/{t['name']}: {t['sparsity']:.3f} "
+                         f"{val} {test}")
+        for final in info["final"]:
+            if method == "dense":
+                lines.append(f"  dense baseline test acc {final.get('test_acc')}")
+    lines.append("cost (epochs critical path / total; wall-clock s critical path / total):")
+    for method, info in summary["methods"].items():
+        search, retrain, wall = info["search_epochs"], info["retrain_epochs"], info["wall_clock_s"]
+        lines.append(
+            f"  {method:5s} search {search['critical_path']}/{search['total']}  "
+            f"retrain {retrain['critical_path']}/{retrain['total']}  "
+            f"wall {wall['critical_path']:.1f}/{wall['total']:.1f}"
+        )
+    lines.append(f"makespan {summary['makespan_s']:.1f}s")
+    return "\n".join(lines)

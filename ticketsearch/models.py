@@ -1,0 +1,395 @@
+"""Model registry: the only place that knows model names.
+
+Each registered model has a builder and a default set of masked layers (fnmatch patterns over
+``model.named_modules()`` names). ``create_model`` builds a model by name; ``masked_layer_names``
+resolves patterns to the concrete Conv2d/Linear modules whose ``.weight`` is masked or pruned.
+
+Models: ``mlp`` (LeNet-300-100), ``resnet20`` (CIFAR ResNet-20 with 1x1 conv shortcuts, no BN on
+the shortcut), ``vgg16`` (CIFAR VGG-16 with BN) and ``resnet50`` (torchvision, imported lazily).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ModelError",
+    "ModelInfo",
+    "create_model",
+    "masked_layer_names",
+    "model_info",
+    "model_names",
+]
+
+CIFAR_SHAPE: tuple[int, int, int] = (3, 32, 32)
+DEFAULT_MLP_HIDDEN: tuple[int, ...] = (300, 100)
+ACCEPTED_KWARGS: frozenset[str] = frozenset({"mlp_hidden"})
+VGG16_CFG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)  # fmt: skip
+
+
+class ModelError(ValueError):
+    """A model name, input shape, keyword argument or masked-layer pattern is invalid."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model.
+
+    ``build(num_classes, input_shape, mlp_hidden=...)`` returns a fresh, randomly initialised
+    model. ``masked_layers`` are the default fnmatch patterns over module names selecting the
+    layers whose ``.weight`` is masked/pruned (resolve them with ``masked_layer_names``).
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    masked_layers: tuple[str, ...]
+    description: str
+
+
+# --------------------------------------------------------------------------------------------
+# MLP (LeNet-300-100)
+# --------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Flatten -> fc1 -> ReLU -> fc2 -> ReLU -> ... -> fcN (logits).
+
+    With ``hidden=(300, 100)`` this is LeNet-300-100: layers ``fc1``, ``fc2``, ``fc3``.
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        widths = [in_features, *hidden, num_classes]
+        self.num_layers = len(widths) - 1
+        for index in range(self.num_layers):
+            self.add_module(f"fc{index + 1}", nn.Linear(widths[index], widths[index + 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(x)
+        for index in range(1, self.num_layers + 1):
+            x = getattr(self, f"fc{index}")(x)
+            if index < self.num_layers:
+                x = torch.relu(x)
+        return x
+
+
+def _check_mlp_hidden(mlp_hidden: Sequence[int]) -> tuple[int, ...]:
+    """Return ``mlp_hidden`` as a tuple of positive ints or raise ModelError."""
+    if isinstance(mlp_hidden, str | bytes) or not isinstance(mlp_hidden, Sequence):
+        raise ModelError(
+            f"model.mlp_hidden: expected a list of hidden-layer widths such as [300, 100], "
+            f"got {mlp_hidden!r}"
+        )
+    widths = tuple(mlp_hidden)
+    if not widths or not all(_is_positive_int(width) for width in widths):
+        raise ModelError(
+            f"model.mlp_hidden: expected a non-empty list of positive integers such as "
+            f"[300, 100], got {list(widths)!r}"
+        )
+    return widths
+
+
+def build_mlp(
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    mlp_hidden: Sequence[int] = DEFAULT_MLP_HIDDEN,
+) -> nn.Module:
+    """LeNet-300-100 style MLP over the flattened input; takes any input shape."""
+    hidden = _check_mlp_hidden(mlp_hidden)
+    return MLP(math.prod(input_shape), hidden, num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet-20 (CIFAR)
+# --------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """conv1 3x3 (stride s) -> bn1 -> ReLU -> conv2 3x3 -> bn2, plus shortcut, then ReLU.
+
+    ``shortcut`` is ``nn.Identity`` when the shape is unchanged, otherwise a 1x1 conv with the
+    block's stride, no bias and no BN.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut: nn.Module = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20: conv1+bn1, 3 stages x 3 BasicBlocks (16/32/64), avg pool, fc."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = _make_stage(16, 16, stride=1)
+        self.layer2 = _make_stage(16, 32, stride=2)
+        self.layer3 = _make_stage(32, 64, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        _init_convs(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _make_stage(in_planes: int, planes: int, stride: int, blocks: int = 3) -> nn.Sequential:
+    """A stage of ``blocks`` BasicBlocks; only the first one changes stride/width."""
+    layers = [BasicBlock(in_planes, planes, stride)]
+    layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+def _init_convs(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out, relu) init for every Conv2d; BN weight 1, bias 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def build_resnet20(
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    mlp_hidden: Sequence[int] = DEFAULT_MLP_HIDDEN,
+) -> nn.Module:
+    """CIFAR ResNet-20; needs input shape (3, 32, 32). ``mlp_hidden`` is ignored."""
+    _require_shape("resnet20", input_shape, CIFAR_SHAPE)
+    return ResNet20(num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# VGG-16 (CIFAR, with BN)
+# --------------------------------------------------------------------------------------------
+
+
+class VGG16(nn.Module):
+    """CIFAR VGG-16 with BN: ``features`` (conv3x3+BN+ReLU, max-pools) -> ``classifier``."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.features = _make_vgg_features(VGG16_CFG)
+        self.classifier = nn.Linear(512, num_classes)
+        _init_convs(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _make_vgg_features(cfg: Sequence[int | str]) -> nn.Sequential:
+    """Conv2d(3x3, pad 1)+BN+ReLU for each width in ``cfg``, MaxPool2d(2) for each "M"."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for item in cfg:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        out_channels = int(item)
+        layers += [
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+def build_vgg16(
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    mlp_hidden: Sequence[int] = DEFAULT_MLP_HIDDEN,
+) -> nn.Module:
+    """CIFAR VGG-16 with BN; needs input shape (3, 32, 32). ``mlp_hidden`` is ignored."""
+    _require_shape("vgg16", input_shape, CIFAR_SHAPE)
+    return VGG16(num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet-50 (torchvision)
+# --------------------------------------------------------------------------------------------
+
+
+def build_resnet50(
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    mlp_hidden: Sequence[int] = DEFAULT_MLP_HIDDEN,
+) -> nn.Module:
+    """torchvision ResNet-50 (random init); needs (3, H, W) with H, W >= 32."""
+    if len(input_shape) != 3 or input_shape[0] != 3 or min(input_shape[1:]) < 32:
+        raise ModelError(
+            f"model.name: resnet50 expects input shape (3, H, W) with H, W >= 32, got {input_shape}"
+        )
+    from torchvision.models import resnet50
+
+    return resnet50(weights=None, num_classes=num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, ModelInfo] = {
+    info.name: info
+    for info in (
+        ModelInfo(
+            name="mlp",
+            build=build_mlp,
+            masked_layers=("fc*",),
+            description="LeNet-300-100 MLP (fc1, fc2, fc3); any input shape, flattened",
+        ),
+        ModelInfo(
+            name="resnet20",
+            build=build_resnet20,
+            masked_layers=("conv1", "layer*.conv1", "layer*.conv2"),
+            description="CIFAR ResNet-20, 1x1 stride-2 conv shortcuts without BN; masks the 19 3x3 convs",
+        ),
+        ModelInfo(
+            name="vgg16",
+            build=build_vgg16,
+            masked_layers=("features.*",),
+            description="CIFAR VGG-16 with BN; masks the 13 convs",
+        ),
+        ModelInfo(
+            name="resnet50",
+            build=build_resnet50,
+            masked_layers=("conv1", "layer*.conv1", "layer*.conv2", "layer*.conv3"),
+            description="torchvision ResNet-50; masks the 49 convs except downsample shortcuts",
+        ),
+    )
+}
+
+
+def model_names() -> list[str]:
+    """Sorted names of all registered models."""
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry for ``name``; ModelError listing the known names if unknown."""
+    info = _REGISTRY.get(name)
+    if info is None:
+        raise ModelError(
+            f"model.name: unknown model {name!r}; known models: {', '.join(model_names())}"
+        )
+    return info
+
+
+def create_model(
+    name: str, num_classes: int, input_shape: tuple[int, ...], **kwargs: object
+) -> nn.Module:
+    """Build a fresh model ``name`` for ``num_classes`` classes and inputs of ``input_shape``.
+
+    ``input_shape`` excludes the batch dimension, e.g. (3, 32, 32). The only keyword argument
+    is ``mlp_hidden`` (hidden widths of the mlp; accepted and ignored by the other models).
+    Raises ModelError for an unknown name, an unexpected keyword argument, a bad
+    ``num_classes`` or an input shape the model cannot take.
+    """
+    info = model_info(name)
+    unexpected = sorted(set(kwargs) - ACCEPTED_KWARGS)
+    if unexpected:
+        raise ModelError(
+            f"create_model: unexpected keyword argument(s) {', '.join(unexpected)} for model "
+            f"{name!r}; accepted: {', '.join(sorted(ACCEPTED_KWARGS))}"
+        )
+    if not _is_positive_int(num_classes):
+        raise ModelError(f"num_classes: expected a positive integer, got {num_classes!r}")
+    shape = _check_input_shape(input_shape)
+    return info.build(num_classes, shape, **kwargs)
+
+
+def masked_layer_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of the Conv2d/Linear modules (with a weight) matching any of ``patterns``.
+
+    Matching is ``fnmatch.fnmatchcase`` on ``model.named_modules()`` names (``*`` also matches
+    dots); the result keeps ``named_modules()`` order. Raises ModelError if ``patterns`` is
+    empty or a plain string, or if a pattern matches no Conv2d/Linear layer.
+    """
+    if isinstance(patterns, str | bytes):
+        raise ModelError(
+            f"masked_layers: expected a list of patterns such as [{patterns!r}], got the "
+            f"string {patterns!r}"
+        )
+    pattern_list = list(patterns)
+    if not pattern_list:
+        raise ModelError("masked_layers: empty pattern list; give at least one pattern")
+    candidates = _weight_layer_names(model)
+    for pattern in pattern_list:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
+            raise ModelError(_no_match_message(pattern, candidates))
+    return [
+        name
+        for name in candidates
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in pattern_list)
+    ]
+
+
+def _weight_layer_names(model: nn.Module) -> list[str]:
+    """Names of Conv2d/Linear modules that have a weight, in named_modules() order."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear)
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+    ]
+
+
+def _no_match_message(pattern: str, candidates: list[str], shown: int = 6) -> str:
+    examples = ", ".join(candidates[:shown])
+    more = f", ... ({len(candidates)} in all)" if len(candidates) > shown else ""
+    return (
+        f"masked_layers: pattern {pattern!r} matches no Conv2d/Linear layer of this model; "
+        f"its conv/linear layers are named like: {examples}{more}. "
+        f"Fix the pattern (fnmatch syntax, '*' also matches dots)."
+    )
+
+
+def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Return ``input_shape`` as a non-empty tuple of positive ints or raise ModelError."""
+    if isinstance(input_shape, str | bytes) or not isinstance(input_shape, Sequence):
+        raise ModelError(f"input_shape: expected a tuple such as (3, 32, 32), got {input_shape!r}")
+    shape = tuple(input_shape)
+    if not shape or not all(_is_positive_int(size) for size in shape):
+        raise ModelError(
+            f"input_shape: expected a non-empty tuple of positive integers such as "
+            f"(3, 32, 32), got {shape!r}"
+        )
+    return shape
+
+
+def _require_shape(name: str, input_shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(input_shape) != expected:
+        raise ModelError(
+            f"model.name: {name} expects input shape {expected}, got {tuple(input_shape)}"
+        )
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -1,0 +1,227 @@
+"""Masks on weight tensors, applied as torch parametrizations.
+
+A masked layer keeps its dense weight as ``layer.parametrizations.weight.original`` and
+``layer.weight`` is computed as ``original * mask`` on every access. Parametrizations are
+ordinary submodules, so masked models survive ``copy.deepcopy``, ``state_dict`` round trips
+and ``.to(device)`` with no special care.
+
+Two kinds of mask:
+- ``SoftMask`` (Continuous Sparsification): ``sigmoid(beta * s) / sigmoid(s0)`` with learned
+  logits ``s``.
+- ``BinaryMask`` (IMP, tickets, RigL): a fixed 0/1 buffer.
+
+``dense_state_dict`` / ``load_dense_state`` read and write a model's state under the plain
+(unmasked) parameter names, so rewind snapshots and tickets are independent of masking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+_ORIGINAL = ".parametrizations.weight.original"
+LOGIT_FLOOR = 50.0
+_MASK_PREFIX = ".parametrizations.weight.0."
+
+
+class BinaryMask(nn.Module):
+    """``w -> w * mask`` with a fixed 0/1 mask stored as a buffer of the weight's dtype."""
+
+    def __init__(self, mask: Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.detach().clone())
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+    def keep(self) -> Tensor:
+        """The mask as a bool tensor (True = weight kept)."""
+        return self.mask != 0
+
+
+class SoftMask(nn.Module):
+    """Continuous Sparsification mask ``sigmoid(beta * s) / sigmoid(s0)``.
+
+    ``s`` (``logits``) starts at the constant ``s0`` and ``beta`` at 1, so the mask is exactly 1
+    at the start of a round. ``beta * s`` is clamped at ``-LOGIT_FLOOR`` before the sigmoid:
+    below that the mask is ~1e-22 either way, and the clamp keeps float32 subnormals (which
+    slow CPU arithmetic ~100x) out of the forward and backward passes. The last mask computed in ``forward`` is kept (``last``) so the L0
+    penalty can reuse it without recomputing the sigmoid; it is dropped when the module is
+    copied or pickled.
+    """
+
+    def __init__(self, shape: torch.Size, s0: float, device=None, dtype=torch.float32):
+        super().__init__()
+        self.logits = nn.Parameter(torch.full(tuple(shape), float(s0), device=device, dtype=dtype))
+        self.register_buffer("beta", torch.ones((), device=device, dtype=dtype))
+        self.register_buffer("s0", torch.tensor(float(s0), device=device, dtype=dtype))
+        self.register_buffer("scale", 1.0 / torch.sigmoid(self.s0))
+        self.last: Tensor | None = None
+
+    def soft_mask(self) -> Tensor:
+        return torch.sigmoid((self.beta * self.logits).clamp(min=-LOGIT_FLOOR)) * self.scale
+
+    def forward(self, weight: Tensor) -> Tensor:
+        mask = self.soft_mask()
+        self.last = mask
+        return weight * mask
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state["last"] = None
+        return state
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers of ``model`` whose weight carries a mask, by module name, in module order."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if parametrize.is_parametrized(module, "weight")
+    }
+
+
+def mask_of(module: nn.Module) -> nn.Module:
+    """The mask parametrization of a masked layer."""
+    return module.parametrizations.weight[0]
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The unmasked weight parameter of a masked layer."""
+    return module.parametrizations.weight.original
+
+
+def _modules_by_name(model: nn.Module, names) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"model has no layer named {missing[0]!r}")
+    return {n: modules[n] for n in names}
+
+
+def add_soft_masks(model: nn.Module, layer_names, s0: float) -> dict[str, SoftMask]:
+    """Mask the weight of each named layer with a fresh ``SoftMask`` at ``s0``."""
+    added = {}
+    for name, module in _modules_by_name(model, layer_names).items():
+        weight = module.weight
+        mask = SoftMask(weight.shape, s0, device=weight.device, dtype=weight.dtype)
+        parametrize.register_parametrization(module, "weight", mask, unsafe=True)
+        added[name] = mask
+    return added
+
+
+def add_binary_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, BinaryMask]:
+    """Mask the weight of each named layer with the given 0/1 (or bool) mask."""
+    added = {}
+    for name, module in _modules_by_name(model, masks).items():
+        weight = module.weight
+        keep = masks[name]
+        if tuple(keep.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"mask for {name!r} has shape {tuple(keep.shape)}, weight has {tuple(weight.shape)}"
+            )
+        mask = BinaryMask(keep.to(device=weight.device, dtype=weight.dtype))
+        parametrize.register_parametrization(module, "weight", mask, unsafe=True)
+        added[name] = mask
+    return added
+
+
+def set_binary_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Overwrite the masks of already binary-masked layers in place."""
+    layers = masked_modules(model)
+    for name, keep in masks.items():
+        buffer = mask_of(layers[name]).mask
+        buffer.copy_(keep.to(device=buffer.device, dtype=buffer.dtype))
+
+
+def binary_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Current keep-masks (bool) of all binary-masked layers."""
+    return {
+        name: mask_of(m).keep()
+        for name, m in masked_modules(model).items()
+        if isinstance(mask_of(m), BinaryMask)
+    }
+
+
+def soft_masks(model: nn.Module) -> dict[str, SoftMask]:
+    """All CS soft masks of ``model`` by layer name."""
+    return {
+        name: mask_of(m)
+        for name, m in masked_modules(model).items()
+        if isinstance(mask_of(m), SoftMask)
+    }
+
+
+def dense_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The unmasked weight tensor of every masked layer."""
+    return {name: dense_weight(m) for name, m in masked_modules(model).items()}
+
+
+def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable mask parameters (CS logits)."""
+    return [mask.logits for mask in soft_masks(model).values()]
+
+
+def _dense_key(key: str) -> str | None:
+    """Map a state_dict key to its unmasked name; None for mask-owned entries."""
+    if _MASK_PREFIX in key:
+        return None
+    return key.replace(_ORIGINAL, ".weight")
+
+
+def dense_state_dict(model: nn.Module, *, clone: bool = True) -> dict[str, Tensor]:
+    """All model state (weights, biases, BN params and running stats) under plain names,
+    without mask tensors. ``clone=True`` returns detached copies (a snapshot)."""
+    state = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        name = _dense_key(key)
+        if name is not None:
+            value = value.detach()
+            state[name] = value.clone() if clone else value
+    return state
+
+
+def load_dense_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy ``state`` (plain names, as from ``dense_state_dict``) into ``model`` in place,
+    bit-exactly. The key sets must match exactly; masks are left untouched."""
+    targets = dense_state_dict(model, clone=False)
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for name, target in targets.items():
+            source = state[name]
+            if source.shape != target.shape:
+                raise ValueError(
+                    f"state entry {name!r} has shape {tuple(source.shape)}, "
+                    f"model has {tuple(target.shape)}"
+                )
+            target.copy_(source.to(device=target.device, dtype=target.dtype))
+
+
+def mask_density(masks: Mapping[str, Tensor]) -> float:
+    """Fraction of kept entries over all masks."""
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return kept / total if total else 1.0
+
+
+def layer_densities(masks: Mapping[str, Tensor]) -> dict[str, float]:
+    """Fraction of kept entries per mask."""
+    return {name: int(m.sum()) / m.numel() for name, m in masks.items()}
+
+
+def full_masks(model: nn.Module, layer_names) -> dict[str, Tensor]:
+    """All-keep bool masks for the named layers' weights."""
+    layers = _modules_by_name(model, layer_names)
+    return {
+        name: torch.ones_like(m.weight, dtype=torch.bool, device=m.weight.device)
+        for name, m in layers.items()
+    }

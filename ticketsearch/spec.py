@@ -1,0 +1,1099 @@
+"""The job spec: every knob of a ticketsearch job, its default and its one-line description.
+
+A job is written in YAML, validated into a frozen :class:`JobSpec`, and expanded into one
+:class:`TrialSpec` per trial (dense baselines, CS settings, IMP chains). This module is the
+only place defaults live; the CLI and the JSON schema reuse the field descriptions.
+
+User mistakes surface as :class:`SpecError`, one line per problem, each naming the
+field path (``train.lr``, ``methods.cs.sweep.lambda[1]``) and what to do about it.
+
+Imports only the standard library, pydantic and PyYAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import hashlib
+import itertools
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "CSSpec",
+    "DataSpec",
+    "DenseSpec",
+    "IMPSpec",
+    "JobSpec",
+    "MethodsSpec",
+    "ModelSpec",
+    "ResourcesSpec",
+    "RetrainSpec",
+    "SpecError",
+    "StorageSpec",
+    "TrackingSpec",
+    "TrainSpec",
+    "TrialSpec",
+    "apply_overrides",
+    "dump_job",
+    "job_json_schema",
+    "load_job",
+    "parse_job",
+    "rescale_milestones",
+    "spec_error_from",
+]
+
+DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "mnist", "imagenet"]
+ModelName = Literal["mlp", "resnet20", "vgg16", "resnet50"]
+MethodName = Literal["dense", "cs", "imp"]
+
+DATASETS_NEEDING_ROOT: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "imagenet")
+"""Datasets read from files under ``data.root``; the others are built in memory."""
+
+DATASET_INPUTS: dict[str, str] = {
+    "digits": "64 features",
+    "mnist": "1-channel 28x28 images",
+    "cifar10": "3-channel 32x32 images",
+    "cifar100": "3-channel 32x32 images",
+    "imagenet": "3-channel 224x224 images",
+}
+"""What each file-backed or built-in dataset feeds the model, for compatibility messages."""
+
+JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+JOB_NAME_MAX_LENGTH = 64
+TRIAL_ID_PATTERN = r"^[A-Za-z0-9_.=-]+$"
+
+
+class SpecError(ValueError):
+    """A job spec a user wrote (or the command-line overrides) cannot be used.
+
+    ``str(error)`` is human-readable, one line per problem, each ``<field.path>: <message>``;
+    ``problems`` holds the same lines as a list.
+    """
+
+    def __init__(self, problems: str | Sequence[str]):
+        lines = [problems] if isinstance(problems, str) else list(problems)
+        self.problems: list[str] = lines
+        super().__init__("\n".join(lines))
+
+
+class _Spec(BaseModel):
+    """Base of every spec model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _raise_problems(title: str, problems: Sequence[tuple[tuple[str | int, ...], str, Any]]) -> None:
+    """Raise a pydantic ValidationError carrying ``(loc, message, input)`` problems.
+
+    Used by cross-field validators so that each problem keeps its own field path when the
+    error propagates through the enclosing models.
+    """
+    raise ValidationError.from_exception_data(
+        title,
+        [
+            {
+                "type": PydanticCustomError("spec_error", "{message}", {"message": message}),
+                "loc": loc,
+                "input": value,
+            }
+            for loc, message, value in problems
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Data, model, training
+# --------------------------------------------------------------------------------------
+
+
+class DataSpec(_Spec):
+    """Which dataset to train on and how to split and augment it."""
+
+    dataset: DatasetName = Field(
+        "digits",
+        description="Dataset: digits and synthetic are built in memory; cifar10, cifar100, "
+        "mnist and imagenet are read from data.root.",
+    )
+    root: str | None = Field(
+        None,
+        description="Directory holding the dataset files; required for cifar10, cifar100, "
+        "mnist and imagenet (with download: true the files are fetched into it).",
+    )
+    download: bool = Field(
+        False,
+        description="Download the dataset into data.root if it is missing "
+        "(cifar10, cifar100, mnist; imagenet cannot be downloaded).",
+    )
+    val_size: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="Examples held out of the training split for validation; "
+        "null = the dataset's default (5000 for cifar10).",
+    )
+    augment: bool | None = Field(
+        None,
+        description="Training-set augmentation (random crop and flip for images); "
+        "null = the dataset's default.",
+    )
+    split_seed: int = Field(0, description="Seed of the train/validation split.")
+    synthetic_shape: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [64],
+        min_length=1,
+        description="Input shape of the synthetic dataset, e.g. [64] or [3, 32, 32].",
+    )
+    synthetic_classes: int = Field(
+        10, ge=2, description="Number of classes of the synthetic dataset."
+    )
+    synthetic_size: int = Field(
+        512, ge=16, description="Number of training examples of the synthetic dataset."
+    )
+    num_workers: int = Field(
+        4, ge=0, description="DataLoader worker processes (used for imagenet)."
+    )
+
+    @model_validator(mode="after")
+    def _check_root(self) -> DataSpec:
+        """File-backed datasets need a root directory; imagenet cannot be downloaded."""
+        problems: list[tuple[tuple[str | int, ...], str, Any]] = []
+        if self.dataset in DATASETS_NEEDING_ROOT and not self.root:
+            how = (
+                "place the ImageNet train/ and val/ folders there"
+                if self.dataset == "imagenet"
+                else "set data.download: true to fetch it there"
+            )
+            problems.append(
+                (
+                    ("root",),
+                    f"{self.dataset} needs a root directory holding the dataset files; "
+                    f"set data.root to it ({how})",
+                    self.root,
+                )
+            )
+        if self.dataset == "imagenet" and self.download:
+            problems.append(
+                (
+                    ("download",),
+                    "imagenet cannot be downloaded automatically; set data.download: false "
+                    "and place the ImageNet train/ and val/ folders under data.root",
+                    self.download,
+                )
+            )
+        if problems:
+            _raise_problems("DataSpec", problems)
+        return self
+
+
+class ModelSpec(_Spec):
+    """Which network to train and which of its layers carry masks."""
+
+    name: ModelName = Field(
+        "mlp",
+        description="Network: mlp (any dataset), resnet20 and vgg16 (3x32x32 images), "
+        "resnet50 (imagenet).",
+    )
+    masked_layers: list[str] | None = Field(
+        None,
+        description="fnmatch patterns over module names (e.g. 'layer*.conv1') that replace "
+        "the model's default set of masked/prunable layers; null = the model's default.",
+    )
+    mlp_hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [300, 100],
+        description="Hidden-layer widths of the mlp model.",
+    )
+
+    @field_validator("masked_layers")
+    @classmethod
+    def _check_masked_layers(cls, value: list[str] | None) -> list[str] | None:
+        """An explicit masked-layer list must name at least one non-empty pattern."""
+        if value is None:
+            return value
+        if not value:
+            raise ValueError(
+                "must list at least one module-name pattern (got []); "
+                "omit it to use the model's default masked layers"
+            )
+        for pattern in value:
+            if not pattern.strip():
+                raise ValueError(f"patterns must be non-empty (got {value!r})")
+        return value
+
+
+def rescale_milestones(milestones: Sequence[int], old_epochs: int, new_epochs: int) -> list[int]:
+    """Scale LR milestones defined for ``old_epochs`` per round to ``new_epochs`` per round.
+
+    Each milestone m becomes ``max(1, round(m * new_epochs / old_epochs))``; duplicates are
+    merged and milestones that no longer fall inside the round (>= new_epochs) are dropped,
+    so the result may be empty (constant LR). Unchanged when the epoch counts are equal.
+    """
+    if old_epochs < 1 or new_epochs < 1:
+        raise ValueError(f"epoch counts must be >= 1 (got {old_epochs}, {new_epochs})")
+    if new_epochs == old_epochs:
+        return list(milestones)
+    scaled = {max(1, round(m * new_epochs / old_epochs)) for m in milestones}
+    return sorted(m for m in scaled if m < new_epochs)
+
+
+class TrainSpec(_Spec):
+    """The per-round training recipe shared by every method (SGD, step LR schedule)."""
+
+    epochs_per_round: int = Field(
+        85,
+        ge=1,
+        description="Epochs per round (E). Overriding it with --set rescales lr_milestones "
+        "proportionally and clamps rewind_epoch unless those are also set.",
+    )
+    batch_size: int = Field(128, ge=1, description="Mini-batch size.")
+    lr: float = Field(0.1, gt=0, description="Initial learning rate of every round.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(True, description="Use Nesterov momentum.")
+    weight_decay: float = Field(
+        1e-4,
+        ge=0,
+        description="Weight decay on weights and other dense parameters (never on CS mask logits).",
+    )
+    lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [56, 71],
+        description="Epochs within a round at which the LR is multiplied by lr_gamma; "
+        "strictly increasing, each below epochs_per_round; [] = constant LR. Rescaled "
+        "proportionally when epochs_per_round is overridden on the command line.",
+    )
+    lr_gamma: float = Field(
+        0.1, gt=0, le=1, description="Factor applied to the LR at each milestone."
+    )
+    rewind_epoch: int = Field(
+        2,
+        ge=0,
+        description="Epochs of the first round after which the rewind snapshot is taken; "
+        "below epochs_per_round (clamped to epochs_per_round - 1 when that is overridden).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Training device; auto = cuda when available, else cpu."
+    )
+    eval_every: int = Field(
+        1,
+        ge=1,
+        description="Epochs between validation/test evaluations; the last epoch of each "
+        "round is always evaluated.",
+    )
+    checkpoint_every: int = Field(
+        5,
+        ge=1,
+        description="Epochs between trial checkpoints; the end of each round is always "
+        "checkpointed.",
+    )
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainSpec:
+        """rewind_epoch and every milestone must fall inside one round; milestones increase."""
+        problems: list[tuple[tuple[str | int, ...], str, Any]] = []
+        epochs = self.epochs_per_round
+        if self.rewind_epoch >= epochs:
+            problems.append(
+                (
+                    ("rewind_epoch",),
+                    f"must be below train.epochs_per_round ({epochs}) (got {self.rewind_epoch}); "
+                    "the rewind snapshot is taken inside the first round",
+                    self.rewind_epoch,
+                )
+            )
+        milestones = self.lr_milestones
+        if any(b <= a for a, b in itertools.pairwise(milestones)):
+            problems.append(
+                (
+                    ("lr_milestones",),
+                    f"must be strictly increasing (got {milestones})",
+                    milestones,
+                )
+            )
+        too_late = [m for m in milestones if m >= epochs]
+        if too_late:
+            problems.append(
+                (
+                    ("lr_milestones",),
+                    f"milestones {too_late} are not below train.epochs_per_round ({epochs}); "
+                    f"each milestone must be in 1..{epochs - 1} (or use [] for a constant LR)",
+                    milestones,
+                )
+            )
+        if problems:
+            _raise_problems("TrainSpec", problems)
+        return self
+
+    def milestones_for(self, epochs: int) -> list[int]:
+        """LR milestones for a run of ``epochs`` epochs (e.g. ticket retraining).
+
+        Returns ``lr_milestones`` unchanged when ``epochs == epochs_per_round``; otherwise
+        scales them proportionally with :func:`rescale_milestones`.
+        """
+        return rescale_milestones(self.lr_milestones, self.epochs_per_round, epochs)
+
+
+# --------------------------------------------------------------------------------------
+# Methods and their sweeps
+# --------------------------------------------------------------------------------------
+
+
+def _distinct_values(values: list[Any]) -> list[Any]:
+    """A sweep axis lists at least one value and no value twice."""
+    if not values:
+        raise ValueError("a sweep axis needs at least one value (got an empty list)")
+    seen: list[Any] = []
+    for value in values:
+        if value in seen:
+            raise ValueError(
+                f"duplicate value {value!r} in {values!r}; each value of a sweep axis must be "
+                "distinct, or two trials would be identical"
+            )
+        seen.append(value)
+    return values
+
+
+def _sweep_axes_schema(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """JSON-schema hook: describe a method's ``sweep`` mapping axis by axis."""
+    axes_schema = _sweep_axes_model(cls).model_json_schema(by_alias=True)
+    sweep_schema = schema.get("properties", {}).get("sweep")
+    if sweep_schema is not None:
+        sweep_schema["properties"] = axes_schema["properties"]
+        sweep_schema["additionalProperties"] = False
+
+
+class _MethodSpec(_Spec):
+    """Base of the method specs: a ``sweep`` mapping of axis -> list of knob values.
+
+    Each listed value is validated with the same type and constraints as the scalar knob
+    of that name; a swept axis replaces the scalar knob. :meth:`expand` yields one
+    resolved spec (sweep applied, ``sweep`` empty) per point of the grid.
+    """
+
+    sweep_axes: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("sweep", mode="before", check_fields=False)
+    @classmethod
+    def _check_sweep(cls, value: Any) -> Any:
+        """Validate the sweep axes and values; return them coerced, in axis order."""
+        if value is None:
+            return {}
+        validated = _sweep_axes_model(cls).model_validate(value)
+        dumped = validated.model_dump(by_alias=True, exclude_none=True)
+        return {axis: dumped[axis] for axis in cls.sweep_axes if axis in dumped}
+
+    @classmethod
+    def axis_field(cls, axis: str) -> str:
+        """The attribute name of the knob that sweep axis ``axis`` sets (lambda -> lambda_)."""
+        for name, info in cls.model_fields.items():
+            if (info.alias or name) == axis:
+                return name
+        raise KeyError(axis)
+
+    def expand(self) -> list[typing.Self]:
+        """One resolved spec per grid point: the cartesian product of the sweep axes in
+        ``sweep_axes`` order (first axis outermost); axes not swept keep the scalar value."""
+        sweep: dict[str, list[Any]] = self.sweep  # type: ignore[attr-defined]
+        axes = [axis for axis in self.sweep_axes if axis in sweep]
+        points = itertools.product(*(sweep[axis] for axis in axes))
+        return [
+            self.model_copy(
+                update={
+                    **{self.axis_field(a): v for a, v in zip(axes, point, strict=True)},
+                    "sweep": {},
+                }
+            )
+            for point in points
+        ]
+
+
+@functools.cache
+def _sweep_axes_model(cls: type[_MethodSpec]) -> type[BaseModel]:
+    """A validation model with one optional list field per sweep axis of ``cls``.
+
+    Each list item carries the scalar knob's annotation and constraints, so a swept value
+    is checked exactly like the scalar one.
+    """
+    fields: dict[str, Any] = {}
+    for axis in cls.sweep_axes:
+        name = cls.axis_field(axis)
+        info = cls.model_fields[name]
+        item_type = (
+            Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        )
+        list_type = Annotated[list[item_type], AfterValidator(_distinct_values)]  # type: ignore[valid-type]
+        fields[name] = (
+            list_type,
+            Field(None, alias=axis, description=f"Values of {axis} to sweep over."),
+        )
+    return create_model(  # type: ignore[call-overload]
+        f"{cls.__name__}Sweep",
+        __config__=ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True),
+        **fields,
+    )
+
+
+class DenseSpec(_MethodSpec):
+    """A dense baseline: the unpruned network trained for one round."""
+
+    model_config = ConfigDict(json_schema_extra=_sweep_axes_schema)
+    sweep_axes: ClassVar[tuple[str, ...]] = ("seed",)
+
+    seed: int = Field(0, description="Seed of weight initialisation and data order.")
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Grid axes (allowed: seed), each a non-empty list of values; "
+        "one dense trial per value.",
+    )
+
+
+class CSSpec(_MethodSpec):
+    """Continuous Sparsification (Savarese et al. 2020) ticket search."""
+
+    model_config = ConfigDict(populate_by_name=True, json_schema_extra=_sweep_axes_schema)
+    sweep_axes: ClassVar[tuple[str, ...]] = ("lambda", "beta_final", "mask_init", "seed")
+
+    rounds: int = Field(5, ge=1, description="Search rounds of E epochs each.")
+    lambda_: float = Field(
+        1e-8,
+        alias="lambda",
+        ge=0,
+        description="Weight of the mask penalty lambda * sum(soft mask) added to the loss.",
+    )
+    beta_final: float = Field(
+        200.0,
+        ge=1,
+        description="Mask temperature reached in the last epoch of each round (beta starts at 1).",
+    )
+    mask_init: float = Field(
+        0.0,
+        description="Initial mask logit s0; larger gives denser tickets, e.g. -0.1 gives "
+        "high sparsity.",
+    )
+    beta_schedule: Literal["epoch", "iteration"] = Field(
+        "epoch", description="Raise beta once per epoch (paper) or every iteration."
+    )
+    soft_reset: Literal["scaled", "clip"] = Field(
+        "scaled",
+        description="Mask-logit reset between rounds: scaled = min(beta_end * s, s0) (paper), "
+        "clip = min(s, s0) (reference code).",
+    )
+    seed: int = Field(0, description="Seed of weight initialisation and data order.")
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Grid axes (allowed: lambda, beta_final, mask_init, seed), each a non-empty "
+        "list of values; one CS trial per point of their cartesian product.",
+    )
+
+
+class IMPSpec(_MethodSpec):
+    """Iterative Magnitude Pruning with rewinding (Frankle et al.)."""
+
+    model_config = ConfigDict(json_schema_extra=_sweep_axes_schema)
+    sweep_axes: ClassVar[tuple[str, ...]] = (
+        "prune_fraction",
+        "rounds",
+        "scope",
+        "rewind_between_rounds",
+        "seed",
+    )
+
+    rounds: int = Field(
+        30,
+        ge=1,
+        description="Serial prune rounds; round k's ticket has density (1 - prune_fraction)^k.",
+    )
+    prune_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Fraction of the remaining weights pruned per round."
+    )
+    scope: Literal["global", "layerwise"] = Field(
+        "global",
+        description="Prune with one magnitude threshold across all prunable tensors (global) "
+        "or per tensor (layerwise).",
+    )
+    rewind_between_rounds: bool = Field(
+        True,
+        description="Rewind surviving weights to the rewind snapshot after each round; "
+        "false = IMP-C (continue training, rewind only for the final retraining).",
+    )
+    seed: int = Field(0, description="Seed of weight initialisation and data order.")
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Grid axes (allowed: prune_fraction, rounds, scope, rewind_between_rounds, "
+        "seed), each a non-empty list of values; one IMP chain per point of their product.",
+    )
+
+
+class MethodsSpec(_Spec):
+    """Which methods the job runs: a section given (even ``{}``) enables the method,
+    an absent or null section disables it."""
+
+    dense: DenseSpec | None = Field(
+        None, description="Dense baseline trained for one round; {} = defaults, null = off."
+    )
+    cs: CSSpec | None = Field(
+        None, description="Continuous Sparsification ticket search; {} = defaults, null = off."
+    )
+    imp: IMPSpec | None = Field(
+        None, description="Iterative Magnitude Pruning chain(s); {} = defaults, null = off."
+    )
+
+    @model_validator(mode="after")
+    def _check_any(self) -> MethodsSpec:
+        """At least one method must be enabled."""
+        if self.dense is None and self.cs is None and self.imp is None:
+            _raise_problems(
+                "MethodsSpec",
+                [((), "enable at least one of dense, cs, imp (e.g. 'cs: {}')", None)],
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# Retraining, resources, tracking, storage
+# --------------------------------------------------------------------------------------
+
+
+class RetrainSpec(_Spec):
+    """Retraining of the tickets found, from the rewind snapshot with the mask frozen."""
+
+    enabled: bool = Field(
+        True, description="Retrain each ticket found by CS and IMP's final ticket."
+    )
+    epochs: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Retraining epochs; null = train.epochs_per_round (LR milestones scale "
+        "proportionally, see TrainSpec.milestones_for).",
+    )
+
+
+class ResourcesSpec(_Spec):
+    """What each trial asks the Ray cluster for."""
+
+    cpus: float = Field(1.0, gt=0, description="CPUs per trial.")
+    gpus: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs per trial; a fraction <= 1 shares a GPU between trials, "
+        "values above 1 must be whole numbers.",
+    )
+    max_failures: int = Field(
+        2, ge=0, description="Times a failed trial is restarted from its last checkpoint."
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _check_gpus(cls, value: float) -> float:
+        """Fractional GPU requests must be at most one GPU."""
+        if value > 1 and not value.is_integer():
+            raise ValueError(
+                f"fractional GPUs must be ≤ 1 (got {value:g}); use a whole number to take several"
+            )
+        return value
+
+
+class TrackingSpec(_Spec):
+    """Where runs, metrics and tickets are recorded (MLflow)."""
+
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; null = a sqlite store under storage.path.",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name; null = the job name.")
+
+
+class StorageSpec(_Spec):
+    """Where trial checkpoints and results are written."""
+
+    path: str = Field(
+        "./ticketsearch-runs",
+        min_length=1,
+        description="Directory (or URI) for trial checkpoints and results.",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Trials and the job
+# --------------------------------------------------------------------------------------
+
+
+def _format_number(value: float | int) -> str:
+    """Shortest exact text of a number: 200.0 -> '200', 1e-08 -> '1e-08', -0.1 -> '-0.1'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+class TrialSpec(_Spec):
+    """One trial of a job: a single method setting, everything resolved to scalars."""
+
+    trial_id: str = Field(
+        description="Filesystem- and URL-safe id, unique within the job "
+        "(e.g. cs-s0=-0.1-lam=1e-08-beta=200-seed=0).",
+        pattern=TRIAL_ID_PATTERN,
+    )
+    name: str = Field(description="Human-readable name (e.g. 'cs s0=-0.1 λ=1e-08 β=200 seed=0').")
+    method: MethodName = Field(description="Method this trial runs.")
+    seed: int = Field(description="Seed of weight initialisation and data order.")
+    job_name: str = Field(description="Name of the job the trial belongs to.")
+    data: DataSpec = Field(description="Dataset settings.")
+    model: ModelSpec = Field(description="Model settings.")
+    train: TrainSpec = Field(description="Training recipe.")
+    cs: CSSpec | None = Field(None, description="Resolved CS settings (method cs only).")
+    imp: IMPSpec | None = Field(None, description="Resolved IMP settings (method imp only).")
+    retrain: RetrainSpec = Field(description="Ticket retraining settings.")
+    resources: ResourcesSpec = Field(description="Resources the trial asks for.")
+
+
+def _dense_identity(spec: DenseSpec) -> tuple[str, str]:
+    """(trial_id, name) of a resolved dense baseline."""
+    return f"dense-seed={spec.seed}", f"dense seed={spec.seed}"
+
+
+def _cs_identity(spec: CSSpec) -> tuple[str, str]:
+    """(trial_id, name) of a resolved CS setting."""
+    s0, lam, beta = (_format_number(x) for x in (spec.mask_init, spec.lambda_, spec.beta_final))
+    return (
+        f"cs-s0={s0}-lam={lam}-beta={beta}-seed={spec.seed}",
+        f"cs s0={s0} λ={lam} β={beta} seed={spec.seed}",
+    )
+
+
+def _imp_identity(spec: IMPSpec, rounds_swept: bool) -> tuple[str, str]:
+    """(trial_id, name) of a resolved IMP chain; the round count is named only when swept."""
+    variant = "imp" if spec.rewind_between_rounds else "imp-c"
+    parts = [spec.scope, f"p={_format_number(spec.prune_fraction)}"]
+    if rounds_swept:
+        parts.append(f"r={spec.rounds}")
+    parts.append(f"seed={spec.seed}")
+    return "-".join([variant, *parts]), " ".join([variant, *parts])
+
+
+class JobSpec(_Spec):
+    """A whole job: data, model, recipe, the methods to run, and where to run and record it."""
+
+    name: str = Field(
+        description="Job name: letters, digits, '_', '.', '-', starting with a letter or digit, "
+        f"at most {JOB_NAME_MAX_LENGTH} characters.",
+        json_schema_extra={"pattern": JOB_NAME_PATTERN, "maxLength": JOB_NAME_MAX_LENGTH},
+    )
+    description: str = Field("", description="Free-text description of the job.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Dataset settings.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Model settings.")
+    train: TrainSpec = Field(
+        default_factory=TrainSpec, description="Training recipe shared by every method."
+    )
+    methods: MethodsSpec = Field(description="Methods to run: dense, cs, imp.")
+    retrain: RetrainSpec = Field(
+        default_factory=RetrainSpec, description="Ticket retraining settings."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Resources each trial asks for."
+    )
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="MLflow tracking settings."
+    )
+    storage: StorageSpec = Field(
+        default_factory=StorageSpec, description="Checkpoint and result storage."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        """Job names become directory names, MLflow names and URL parts."""
+        if len(value) > JOB_NAME_MAX_LENGTH:
+            raise ValueError(f"must be at most {JOB_NAME_MAX_LENGTH} characters (got {len(value)})")
+        if not re.match(JOB_NAME_PATTERN, value):
+            raise ValueError(
+                "must start with a letter or digit and contain only letters, digits, "
+                f"'_', '.', '-' (got {value!r})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_model_fits_data(self) -> JobSpec:
+        """The model must accept the dataset's inputs."""
+        model, data = self.model.name, self.data
+        shape = list(data.synthetic_shape)
+        gives = (
+            f"synthetic_shape {shape}"
+            if data.dataset == "synthetic"
+            else DATASET_INPUTS[data.dataset]
+        )
+        if model in ("resnet20", "vgg16"):
+            fits = data.dataset in ("cifar10", "cifar100") or (
+                data.dataset == "synthetic" and shape == [3, 32, 32]
+            )
+            expects = (
+                "3-channel 32x32 images (cifar10, cifar100, or synthetic with "
+                "synthetic_shape [3,32,32])"
+            )
+        elif model == "resnet50":
+            fits = data.dataset == "imagenet" or (
+                data.dataset == "synthetic"
+                and len(shape) == 3
+                and shape[0] == 3
+                and min(shape[1:]) >= 32
+            )
+            expects = (
+                "3-channel images of at least 32x32 (imagenet, or synthetic with "
+                "synthetic_shape [3,H,W])"
+            )
+        else:
+            fits, expects = True, ""
+        if not fits:
+            _raise_problems(
+                "JobSpec",
+                [
+                    (
+                        ("model", "name"),
+                        f"{model} expects {expects}; dataset {data.dataset} gives {gives}",
+                        model,
+                    )
+                ],
+            )
+        return self
+
+    def trials(self) -> list[TrialSpec]:
+        """Expand the job into its trials: dense first, then CS, then IMP.
+
+        Each method's sweep is expanded as a cartesian product in the method's axis order
+        (CS: lambda, beta_final, mask_init, seed). Trial ids are unique within the job.
+        """
+        common = {
+            "job_name": self.name,
+            "data": self.data,
+            "model": self.model,
+            "train": self.train,
+            "retrain": self.retrain,
+            "resources": self.resources,
+        }
+        trials: list[TrialSpec] = []
+        methods = self.methods
+        if methods.dense is not None:
+            for dense in methods.dense.expand():
+                trial_id, name = _dense_identity(dense)
+                trials.append(
+                    TrialSpec(
+                        trial_id=trial_id, name=name, method="dense", seed=dense.seed, **common
+                    )
+                )
+        if methods.cs is not None:
+            for cs in methods.cs.expand():
+                trial_id, name = _cs_identity(cs)
+                trials.append(
+                    TrialSpec(
+                        trial_id=trial_id, name=name, method="cs", seed=cs.seed, cs=cs, **common
+                    )
+                )
+        if methods.imp is not None:
+            rounds_swept = "rounds" in methods.imp.sweep
+            for imp in methods.imp.expand():
+                trial_id, name = _imp_identity(imp, rounds_swept)
+                trials.append(
+                    TrialSpec(
+                        trial_id=trial_id, name=name, method="imp", seed=imp.seed, imp=imp, **common
+                    )
+                )
+        _check_unique_ids(trials)
+        return trials
+
+    def spec_hash(self) -> str:
+        """First 12 hex chars of the sha256 of the spec's canonical JSON.
+
+        Equal for the same job written differently (key order, defaults spelled out or not).
+        """
+        canonical = json.dumps(
+            self.model_dump(mode="json", by_alias=True),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+def _check_unique_ids(trials: Sequence[TrialSpec]) -> None:
+    """Two trials with one id would overwrite each other's results."""
+    seen: set[str] = set()
+    for trial in trials:
+        if trial.trial_id in seen:
+            raise SpecError(
+                f"methods.{trial.method}.sweep: two trials share the id {trial.trial_id!r}; "
+                "remove the repeated setting from the sweep"
+            )
+        seen.add(trial.trial_id)
+
+
+# --------------------------------------------------------------------------------------
+# Errors: pydantic ValidationError -> SpecError
+# --------------------------------------------------------------------------------------
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    """('methods', 'cs', 'sweep', 'lambda', 1) -> 'methods.cs.sweep.lambda[1]'."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "job"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class inside an annotation such as ``CSSpec | None``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _allowed_keys(
+    root: type[BaseModel], loc: Sequence[str | int]
+) -> tuple[str, str, list[str]] | None:
+    """(noun, plural noun, allowed keys) of the mapping at ``loc`` under ``root``; None if
+    the mapping is not a spec model or a sweep."""
+    current: type[BaseModel] | None = root
+    for index, part in enumerate(loc):
+        if current is None or isinstance(part, int):
+            return None
+        name = _field_named(current, part)
+        if name is None:
+            return None
+        if name == "sweep" and issubclass(current, _MethodSpec) and index == len(loc) - 1:
+            return "sweep axis", "sweep axes", sorted(current.sweep_axes)
+        current = _model_in(current.model_fields[name].annotation)
+    if current is None:
+        return None
+    keys = sorted(info.alias or name for name, info in current.model_fields.items())
+    return "key", "keys", keys
+
+
+def _field_named(model: type[BaseModel], key: str) -> str | None:
+    """The field of ``model`` whose alias or name is ``key``."""
+    for name, info in model.model_fields.items():
+        if key in (name, info.alias):
+            return name
+    return None
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    """repr() cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _literal_choices(expected: str) -> str:
+    """pydantic's "'a', 'b' or 'c'" -> "'a', 'b', 'c'"."""
+    head, sep, last = expected.rpartition(" or ")
+    return f"{head}, {last}" if sep else expected
+
+
+def _problem_line(error: Mapping[str, Any], root: type[BaseModel]) -> str:
+    """One ``<field.path>: <message>`` line for one pydantic error."""
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    message = str(error["msg"])
+    got = f" (got {_short_repr(error.get('input'))})"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        if allowed is None:
+            return f"{_dotted(loc)}: unknown key"
+        noun, plural, keys = allowed
+        hint = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+        suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"{_dotted(loc)}: unknown {noun}; allowed {plural} are: {', '.join(keys)}{suffix}"
+    if kind == "missing":
+        return f"{_dotted(loc)}: required key is missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{_dotted(loc)}: must be a mapping of keys to values{got}"
+    if kind == "literal_error":
+        choices = _literal_choices(str(error.get("ctx", {}).get("expected", "")))
+        return f"{_dotted(loc)}: must be one of {choices}{got}"
+    if kind == "spec_error":
+        return f"{_dotted(loc)}: {message}"
+    if kind == "value_error":
+        return f"{_dotted(loc)}: {message.removeprefix('Value error, ')}"
+    message = re.sub(r"^Input should", "must", message)
+    return f"{_dotted(loc)}: {message}{got}"
+
+
+def spec_error_from(error: ValidationError, root: type[BaseModel] | None = None) -> SpecError:
+    """Convert a pydantic ValidationError raised validating ``root`` (default JobSpec)."""
+    model = JobSpec if root is None else root
+    return SpecError([_problem_line(item, model) for item in error.errors()])
+
+
+# --------------------------------------------------------------------------------------
+# Loading, overrides, dumping
+# --------------------------------------------------------------------------------------
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=0.05' -> (['train', 'lr'], 0.05); the value is parsed as YAML."""
+    key, sep, raw_value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(part.strip() for part in parts):
+        raise SpecError(
+            f"override {text!r}: expected dotted.key=value (e.g. train.epochs_per_round=1)"
+        )
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+    return [part.strip() for part in parts], value
+
+
+def _set_path(raw: dict[str, Any], parts: Sequence[str], value: Any, text: str) -> None:
+    """Set ``raw[p0][p1]...[pn] = value``, creating missing (or null) intermediate mappings."""
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise SpecError(
+                f"override {text!r}: {where} is {_short_repr(child)}, not a mapping, "
+                "so it has no sub-keys"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _is_count(value: Any) -> bool:
+    """A plain int >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _train_default(field: str) -> Any:
+    """The TrainSpec default of ``field``."""
+    return TrainSpec.model_fields[field].get_default(call_default_factory=True)
+
+
+def _rescale_for_epochs(before: Mapping[str, Any], after: dict[str, Any], keys: set[str]) -> None:
+    """After ``train.epochs_per_round`` was overridden, keep the schedule inside the round.
+
+    Unless also overridden: lr_milestones are rescaled proportionally (see
+    :func:`rescale_milestones`) and rewind_epoch is clamped to ``epochs_per_round - 1``.
+    Values of the wrong type are left for validation to report.
+    """
+    old_train = before.get("train") if isinstance(before.get("train"), dict) else {}
+    train = after.get("train")
+    if not isinstance(train, dict):
+        return
+    old_epochs = old_train.get("epochs_per_round", _train_default("epochs_per_round"))
+    new_epochs = train.get("epochs_per_round")
+    if not (_is_count(old_epochs) and _is_count(new_epochs)):
+        return
+    if "train.lr_milestones" not in keys:
+        milestones = old_train.get("lr_milestones", _train_default("lr_milestones"))
+        if isinstance(milestones, list) and all(_is_count(m) for m in milestones):
+            train["lr_milestones"] = rescale_milestones(milestones, old_epochs, new_epochs)
+    if "train.rewind_epoch" not in keys:
+        rewind = train.get("rewind_epoch", _train_default("rewind_epoch"))
+        if isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= new_epochs:
+            train["rewind_epoch"] = min(rewind, new_epochs - 1)
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of the raw spec mapping with ``dotted.key=value`` overrides applied in order.
+
+    Values are parsed with ``yaml.safe_load`` (``train.epochs_per_round=1``,
+    ``methods.cs.sweep.mask_init=[-0.1,0]``). When ``train.epochs_per_round`` is overridden
+    and ``train.lr_milestones`` is not, the milestones are rescaled proportionally and
+    ``train.rewind_epoch`` is clamped into the new round. Raises SpecError for a malformed
+    override.
+    """
+    result = copy.deepcopy(dict(raw))
+    keys: set[str] = set()
+    for text in overrides:
+        parts, value = _parse_override(text)
+        _set_path(result, parts, value, text)
+        keys.add(".".join(parts))
+    if "train.epochs_per_round" in keys:
+        _rescale_for_epochs(raw, result, keys)
+    return result
+
+
+def parse_job(data: Mapping[str, Any]) -> JobSpec:
+    """Validate a raw spec mapping into a JobSpec; raises SpecError listing every problem."""
+    if not isinstance(data, Mapping):
+        raise SpecError(
+            f"job: the job spec must be a mapping of keys (name, methods, ...), "
+            f"got {type(data).__name__}"
+        )
+    try:
+        return JobSpec.model_validate(dict(data))
+    except ValidationError as exc:
+        raise spec_error_from(exc, JobSpec) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parse a YAML file; SpecError naming the file for unreadable files and syntax errors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: job spec file not found; check the path") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a job spec file") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the job spec ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path}: YAML syntax error{where}: {problem}") from None
+
+
+def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Read a YAML job spec, apply ``dotted.key=value`` overrides, and validate it.
+
+    Raises SpecError for a missing file, a YAML syntax error (with its line), a top level
+    that is not a mapping, a malformed override, or an invalid spec.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    if raw is None:
+        raise SpecError(f"{path}: the file is empty; a job spec needs at least name and methods")
+    if not isinstance(raw, dict):
+        raise SpecError(
+            f"{path}: the top level must be a mapping of keys (name, methods, ...), "
+            f"got a {type(raw).__name__}"
+        )
+    return parse_job(apply_overrides(raw, overrides))
+
+
+def job_json_schema() -> dict[str, Any]:
+    """The JSON schema of a job spec (keys by alias, e.g. 'lambda')."""
+    return JobSpec.model_json_schema(by_alias=True)
+
+
+def dump_job(spec: JobSpec) -> str:
+    """The spec as normalised YAML (every key spelled out, by alias); load_job reads it back
+    to an equal spec."""
+    return yaml.safe_dump(
+        spec.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True
+    )

@@ -1,0 +1,209 @@
+"""The training loop, evaluation, and the ledger of epochs and seconds actually spent.
+
+One loop for every method: SGD (Nesterov by default) whose LR schedule restarts each round,
+weight decay on every dense parameter and never on mask logits, an optional extra loss term
+(the CS penalty) and an optional per-step hook (the per-iteration temperature schedule).
+Nothing here knows about Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .sparsity.masks import mask_parameters
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: 'cuda' was asked for but no CUDA GPU is visible; "
+                           "use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def device_kind(device: torch.device) -> str:
+    """Human-readable device kind for the ledger, e.g. ``cpu`` or ``cuda:NVIDIA H100``."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def make_optimizer(model: nn.Module, train) -> torch.optim.SGD:
+    """SGD over all trainable parameters: weight decay on dense ones, none on mask logits."""
+    logits = mask_parameters(model)
+    logit_ids = {id(p) for p in logits}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in logit_ids]
+    groups = [{"params": dense, "weight_decay": train.weight_decay}]
+    if logits:
+        groups.append({"params": logits, "weight_decay": 0.0})
+    return torch.optim.SGD(
+        groups, lr=train.lr, momentum=train.momentum,
+        nesterov=train.nesterov and train.momentum > 0, foreach=True,
+    )
+
+
+def lr_for_epoch(epoch: int, train, epochs: int | None = None) -> float:
+    """LR for epoch ``epoch`` (0-based) of a round of ``epochs`` epochs (default
+    ``train.epochs_per_round``): ``lr * gamma ** (milestones passed)``; milestones are scaled
+    to rounds of another length (``train.milestones_for``)."""
+    milestones = train.lr_milestones if epochs is None else train.milestones_for(epochs)
+    passed = sum(1 for m in milestones if epoch >= m)
+    return train.lr * train.lr_gamma**passed
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class EpochStats:
+    train_loss: float
+    train_acc: float
+    iterations: int
+    seconds: float
+
+
+def train_epoch(
+    model: nn.Module,
+    batches,
+    optimizer: torch.optim.Optimizer,
+    extra_loss: Callable[[], Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> EpochStats:
+    """One pass over ``batches``: cross-entropy (+ ``extra_loss()``), backward, step.
+
+    ``on_step(i)`` runs before step ``i`` (0-based within the epoch). Loss and accuracy are
+    accumulated on the device and read once at the end, so the loop never syncs per step.
+    """
+    model.train()
+    start = time.perf_counter()
+    loss_sum = correct = None
+    seen = 0
+    steps = 0
+    for steps, (x, y) in enumerate(batches, start=1):
+        if on_step is not None:
+            on_step(steps - 1)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        total = loss if extra_loss is None else loss + extra_loss()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        batch_loss = loss.detach() * y.shape[0]
+        batch_correct = (logits.detach().argmax(1) == y).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
+        seen += y.shape[0]
+    if seen == 0:
+        raise ValueError("the training split is empty")
+    stats = EpochStats(float(loss_sum) / seen, float(correct) / seen, steps, 0.0)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> tuple[float, float] | None:
+    """(mean loss, accuracy) over ``batches`` in eval mode; None if there are none."""
+    model.eval()
+    loss_sum = torch.zeros(())
+    correct = torch.zeros((), dtype=torch.long)
+    seen = 0
+    for x, y in batches:
+        logits = model(x)
+        loss_sum = loss_sum.to(logits.device) + F.cross_entropy(logits, y, reduction="sum")
+        correct = correct.to(logits.device) + (logits.argmax(1) == y).sum()
+        seen += y.shape[0]
+    if seen == 0:
+        return None
+    return float(loss_sum) / seen, float(correct) / seen
+
+
+@dataclass
+class LedgerEntry:
+    """One epoch actually trained."""
+
+    phase: str  # "search", "retrain" or "dense"
+    round: int
+    epoch: int
+    seconds: float  # training time of the epoch (evaluation excluded)
+    eval_seconds: float
+    finished_at: float  # unix time
+
+
+@dataclass
+class EpochLedger:
+    """Every epoch a trial trained, its seconds, and the device it ran on.
+
+    The raw material of the cost report: counts come from epochs trained, never from the
+    config. ``recomputed_epochs`` counts epochs trained again after a resume (work lost
+    between the last checkpoint and a failure); they are not counted twice in ``entries``.
+    """
+
+    device: str = "cpu"
+    device_fraction: float = 1.0
+    entries: list[LedgerEntry] = field(default_factory=list)
+    recomputed_epochs: int = 0
+    attempts: list[list[float]] = field(default_factory=list)  # [start, end] unix times
+
+    def record(self, phase: str, round: int, epoch: int, seconds: float, eval_seconds: float):
+        self.entries.append(LedgerEntry(phase, round, epoch, seconds, eval_seconds, time.time()))
+
+    def start_attempt(self) -> None:
+        now = time.time()
+        self.attempts.append([now, now])
+
+    def touch(self) -> None:
+        """Mark the current attempt as alive until now."""
+        if self.attempts:
+            self.attempts[-1][1] = time.time()
+
+    def epochs(self, phase: str | None = None) -> int:
+        return sum(1 for e in self.entries if phase is None or e.phase == phase)
+
+    def seconds(self, phase: str | None = None) -> float:
+        return sum(e.seconds + e.eval_seconds for e in self.entries
+                   if phase is None or e.phase == phase)
+
+    @property
+    def wall_clock_s(self) -> float:
+        return sum(end - start for start, end in self.attempts)
+
+    @property
+    def device_s(self) -> float:
+        return self.wall_clock_s * self.device_fraction
+
+    def summary(self) -> dict:
+        phases = sorted({e.phase for e in self.entries})
+        return {
+            "device": self.device,
+            "device_fraction": self.device_fraction,
+            "epochs": {p: self.epochs(p) for p in phases} | {"total": self.epochs()},
+            "train_seconds": {p: round(self.seconds(p), 3) for p in phases},
+            "recomputed_epochs": self.recomputed_epochs,
+            "wall_clock_s": round(self.wall_clock_s, 3),
+            "device_s": round(self.device_s, 3),
+            "attempts": len(self.attempts),
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EpochLedger:
+        entries = [LedgerEntry(**e) for e in data.get("entries", [])]
+        return cls(
+            device=data.get("device", "cpu"),
+            device_fraction=data.get("device_fraction", 1.0),
+            entries=entries,
+            recomputed_epochs=data.get("recomputed_epochs", 0),
+            attempts=[list(a) for a in data.get("attempts", [])],
+        )
