@@ -16,11 +16,13 @@ EXIT_USAGE = 2
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import DatasetError
+    from .methods import CheckpointError
     from .models import ModelError
     from .sparsity.ticketfile import TicketFormatError
     from .spec import SpecError
 
-    return SpecError, DatasetError, ModelError, TicketFormatError, FileNotFoundError
+    return (SpecError, DatasetError, ModelError, TicketFormatError, CheckpointError,
+            FileNotFoundError)
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .methods import EpochEvent, Hooks, RoundEvent, TrialResult
+from .methods import CheckpointError, EpochEvent, Hooks, RoundEvent, TrialResult
 from .tickets import Ticket
 
 
@@ -85,7 +85,14 @@ class TrialDirHooks(Hooks):
         if not self.checkpoint_path.exists():
             self.events_path.unlink(missing_ok=True)
             return None
-        state = torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
+        try:
+            state = torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
+        except Exception as err:
+            raise CheckpointError(f"{self.checkpoint_path}: unreadable checkpoint ({err}); "
+                                  "delete it to start the trial over") from None
+        if not isinstance(state, dict) or not {"ledger", "rounds", "tickets"} <= state.keys():
+            raise CheckpointError(f"{self.checkpoint_path}: not a ticketsearch checkpoint; "
+                                  "delete it to start the trial over")
         self._truncate_events(state)
         return state
 

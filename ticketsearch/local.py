@@ -114,8 +114,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append("cost (epochs critical path / total; wall-clock s critical path / total):")
     for method, info in summary["methods"].items():
         search, retrain, wall = info["search_epochs"], info["retrain_epochs"], info["wall_clock_s"]
+        if method == "dense":
+            search = info["dense_epochs"]
         lines.append(
-            f"  {method:5s} search {search['critical_path']}/{search['total']}  "
+            f"  {method:5s} {'train' if method == 'dense' else 'search'} "
+            f"{search['critical_path']}/{search['total']}  "
             f"retrain {retrain['critical_path']}/{retrain['total']}  "
             f"wall {wall['critical_path']:.1f}/{wall['total']:.1f}"
         )

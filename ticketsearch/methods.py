@@ -46,6 +46,26 @@ from .training import (
 )
 
 CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = {"version", "method", "trial_id", "stage", "round", "epoch", "model",
+                   "optimizer", "generator", "torch_rng", "snapshot", "ledger", "tickets",
+                   "pending", "rounds"}
+
+
+class CheckpointError(ValueError):
+    """A trial checkpoint that cannot be resumed (unreadable, or of another trial kind)."""
+
+
+def check_checkpoint(state: Any, trial_id: str, method: str) -> None:
+    """Raise CheckpointError unless ``state`` is a resumable ``method`` checkpoint."""
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise CheckpointError(f"checkpoint of trial {trial_id} is not a ticketsearch "
+                              "checkpoint; delete it to start the trial over")
+    if state["version"] != CHECKPOINT_VERSION or state["method"] != method:
+        raise CheckpointError(
+            f"checkpoint of trial {trial_id} is a {state['method']!r} checkpoint of version "
+            f"{state['version']}, not a {method!r} checkpoint of version "
+            f"{CHECKPOINT_VERSION}; delete it to start the trial over"
+        )
 
 
 @dataclass
@@ -102,7 +122,8 @@ class Hooks:
         pass
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        pass
+        """Persist ``state`` (tensors and plain values). Its tensors are the live ones:
+        write or copy them before returning."""
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         return None
@@ -341,14 +362,9 @@ class _TrialRun:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        if state.get("version") != CHECKPOINT_VERSION or state.get("method") != self.method:
-            raise ValueError(
-                f"checkpoint of trial {self.trial.trial_id} is not a {self.method} "
-                f"checkpoint of version {CHECKPOINT_VERSION}; delete it to start over"
-            )
+        check_checkpoint(state, self.trial.trial_id, self.method)
         self.stage, self.round, self.epoch = state["stage"], state["round"], state["epoch"]
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
         self.ledger = EpochLedger.from_dict(state["ledger"])
         self.snapshot = None if state["snapshot"] is None else {
             k: v.to(self.device) for k, v in state["snapshot"].items()}
@@ -363,6 +379,7 @@ class _TrialRun:
             self.model.load_state_dict(state["model"])
             self.optimizer = make_optimizer(self.model, self.train)
             self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])  # after new_model() reseeded it
 
     def begin(self) -> None:
         """Resume from the hooks' checkpoint, or start the first stage fresh."""

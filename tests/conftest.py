@@ -1,0 +1,32 @@
+import pytest
+
+from ticketsearch.data import load_dataset
+from ticketsearch.spec import parse_job
+
+
+def tiny_job_dict(**methods):
+    """A job small enough to train in about a second on digits."""
+    return {
+        "name": "tiny",
+        "data": {"dataset": "digits"},
+        "model": {"name": "mlp", "mlp_hidden": [32, 16]},
+        "train": {"epochs_per_round": 4, "lr_milestones": [3], "rewind_epoch": 1,
+                  "checkpoint_every": 2},
+        "methods": methods or {"cs": {"rounds": 2}},
+    }
+
+
+def tiny_trial(method: str, settings: dict | None = None, **top):
+    job = tiny_job_dict(**{method: settings or {}})
+    job.update(top)
+    return parse_job(job).trials()[0]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(dataset="digits", root=None, download=False, val_size=None,
+                           augment=None, split_seed=0, synthetic_shape=[64],
+                           synthetic_classes=10, synthetic_size=512, num_workers=0)
+    return load_dataset(spec, "cpu")
