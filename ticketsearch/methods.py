@@ -81,7 +81,6 @@ class EpochEvent:
     lr: float
     beta: float
     train_loss: float
-    train_acc: float
     val_acc: float | None
     test_acc: float | None
     sparsity: float
@@ -89,7 +88,7 @@ class EpochEvent:
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics of this epoch (None values left out)."""
-        keys = ("round", "lr", "beta", "train_loss", "train_acc", "val_acc", "test_acc",
+        keys = ("round", "lr", "beta", "train_loss", "val_acc", "test_acc",
                 "sparsity", "seconds")
         values = {k: getattr(self, k) for k in keys}
         return {k: float(v) for k, v in values.items() if v is not None}
@@ -255,7 +254,7 @@ class _TrialRun:
                 val, test = self.evaluate_now()
             event = EpochEvent(
                 self.trial.trial_id, self.method, self.stage, self.round, epoch,
-                self.ledger.epochs(), lr, self.beta(), stats.train_loss, stats.train_acc,
+                self.ledger.epochs(), lr, self.beta(), stats.train_loss,
                 val, test, self.sparsity(), stats.seconds,
             )
             self.ledger.record(self.stage, self.round, epoch, stats.seconds,
