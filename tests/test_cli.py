@@ -26,11 +26,12 @@ from ticketsearch.spec import load_job
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO_ROOT / "jobs" / "quickstart.yaml"
 
+QUICKSTART_S0 = [-0.02, -0.01, -0.005, 0.0]
 QUICKSTART_IDS = [
     "dense-seed=0",
-    "cs-s0=-0.3-lam=1e-08-beta=200-seed=0",
-    "cs-s0=-0.2-lam=1e-08-beta=200-seed=0",
-    "cs-s0=-0.1-lam=1e-08-beta=200-seed=0",
+    "cs-s0=-0.02-lam=1e-08-beta=200-seed=0",
+    "cs-s0=-0.01-lam=1e-08-beta=200-seed=0",
+    "cs-s0=-0.005-lam=1e-08-beta=200-seed=0",
     "cs-s0=0-lam=1e-08-beta=200-seed=0",
     "imp-global-p=0.2-seed=0",
 ]
@@ -92,7 +93,7 @@ def test_validate_json_lists_six_resolved_trials(capsys):
     trials = json.loads(out)
     assert [t["trial_id"] for t in trials] == QUICKSTART_IDS
     assert [t["method"] for t in trials] == ["dense", "cs", "cs", "cs", "cs", "imp"]
-    assert [t["cs"]["mask_init"] for t in trials[1:5]] == [-0.3, -0.2, -0.1, 0.0]
+    assert [t["cs"]["mask_init"] for t in trials[1:5]] == QUICKSTART_S0
     assert trials[5]["imp"]["rounds"] == 30
     assert all(t["train"]["epochs_per_round"] == 85 for t in trials)
 
