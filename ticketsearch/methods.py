@@ -13,6 +13,7 @@ counted once, and reported in ``ledger.recomputed_epochs``.
 
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -153,7 +154,7 @@ class TrialResult:
         }
 
 
-class _TrialRun:
+class _TrialRun(abc.ABC):
     """State and shared loop of one trial. Subclasses define the method's stages."""
 
     method = ""
@@ -405,8 +406,9 @@ class _TrialRun:
     def final_metrics(self) -> dict[str, Any]:
         return {}
 
+    @abc.abstractmethod
     def stages(self) -> None:
-        raise NotImplementedError  # each method defines its stages
+        """Run the method's stages from the current (possibly resumed) position."""
 
 
 class DenseRun(_TrialRun):
