@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -20,9 +21,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelError
     from .sparsity.ticketfile import TicketFormatError
     from .spec import SpecError
+    from .tracking import TrackingError
 
     return (SpecError, DatasetError, ModelError, TicketFormatError, CheckpointError,
-            FileNotFoundError)
+            TrackingError, FileNotFoundError)
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -61,10 +63,72 @@ def cmd_run(args) -> int:
     from .spec import load_job
 
     job = load_job(args.job, args.overrides)
-    summary = run_job_locally(job, storage=args.storage)
+    summary = run_job_locally(job, storage=args.storage, track=not args.no_tracking)
     print(format_summary(summary))
     print(f"results in {summary['job_dir']}")
     return 0
+
+
+def _store_uri(args) -> str:
+    """The tracking URI named by --uri, else MLFLOW_TRACKING_URI, else the local store under
+    --storage (default ./ticketsearch-runs)."""
+    import os
+
+    from .tracking import TrackingError
+
+    if args.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return args.uri or os.environ["MLFLOW_TRACKING_URI"]
+    db = Path(args.storage).resolve() / "mlflow.db"
+    if not db.exists():
+        raise TrackingError(f"no MLflow store at {db}; run a job first, or pass --storage "
+                            "(the job's storage.path) or --uri")
+    return f"sqlite:///{db}"
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from .tracking import artifact_root_for
+
+    uri = _store_uri(args)
+    if uri.startswith(("http://", "https://")):
+        print(f"the tracking server is already a UI: open {uri}")
+        return 0
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", args.host, "--port", str(args.port)]
+    root = artifact_root_for(uri)
+    if root:
+        command += ["--default-artifact-root", root]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it")
+    return subprocess.call(command)
+
+
+def cmd_tickets(args) -> int:
+    from .tracking import list_tickets
+
+    rows = list_tickets(_store_uri(args), job=args.job, method=args.method,
+                        min_sparsity=args.min_sparsity)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'sparsity':>8}  {'test':>6}  {'val':>6}  {'method':6}  {'trial':40}  artifact")
+    for r in rows:
+        test = "-" if r["test_acc"] is None else f"{r['test_acc']:.4f}"
+        val = "-" if r["val_acc"] is None else f"{r['val_acc']:.4f}"
+        print(f"{r['sparsity']:8.4f}  {test:>6}  {val:>6}  {r['method'] or '-':6}  "
+              f"{r['trial'][:40]:40}  {r['artifact']}")
+    print(f"{len(rows)} tickets")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from .tracking import sync_job_dir
+
+    outcome = sync_job_dir(Path(args.job_dir))
+    left = [trial for trial, done in outcome.items() if not done]
+    print(f"synced {len(outcome) - len(left)} trial journals"
+          + (f"; still pending: {', '.join(left)}" if left else ""))
+    return 1 if left else 0
 
 
 def cmd_ticket(args) -> int:
@@ -93,7 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job (trials one after another, in this process)")
     _add_spec_args(run)
     run.add_argument("--storage", help="storage folder (default: the spec's storage.path)")
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     run.set_defaults(func=cmd_run)
+
+    def store_args(p):
+        p.add_argument("--uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                       "else the SQLite store under --storage)")
+        p.add_argument("--storage", default="./ticketsearch-runs",
+                       help="storage folder of local jobs (default ./ticketsearch-runs)")
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the job store (loopback)")
+    store_args(ui)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+
+    tickets = sub.add_parser("tickets", help="list tickets logged to MLflow")
+    store_args(tickets)
+    tickets.add_argument("--job", help="only this job (experiment name)")
+    tickets.add_argument("--method", choices=["cs", "imp"], help="only this method")
+    tickets.add_argument("--min-sparsity", type=float, default=0.0)
+    tickets.add_argument("--json", action="store_true")
+    tickets.set_defaults(func=cmd_tickets)
+
+    sync = sub.add_parser("sync", help="send a job's metrics that the tracking server missed")
+    sync.add_argument("job_dir", help="the job directory (<storage>/<job>-<hash>)")
+    sync.set_defaults(func=cmd_sync)
 
     validate = sub.add_parser("validate", help="check a job spec and list its trials")
     _add_spec_args(validate)

@@ -43,9 +43,22 @@ def round_printer(echo: Callable[[str], None]) -> Callable[[Any], None]:
 
 
 def run_job_locally(job: JobSpec, storage: str | Path | None = None,
-                    echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every unfinished trial of ``job`` in turn; return and write the job summary."""
+                    echo: Callable[[str], None] = print, track: bool = True) -> dict[str, Any]:
+    """Run every unfinished trial of ``job`` in turn; return and write the job summary.
+
+    With ``track`` (the default) every trial is logged to MLflow (see ``tracking.py``); the
+    tracking store is checked before anything runs.
+    """
+    tracking = None
+    if track:
+        from .tracking import setup_job_tracking, tracking_uri_for
+
+        uri = tracking_uri_for(job, storage)
     root = prepare_job_dir(job, storage)
+    if track:
+        tracking = setup_job_tracking(job, root, uri)
+        echo(f"tracking: {uri} (experiment {job.tracking.experiment or job.name}, "
+             f"parent run {tracking.parent_run_id})")
     echo(f"job {job.name} ({job.spec_hash()}) -> {root}")
     started = time.time()
     datasets: dict[str, Any] = {}
@@ -61,13 +74,32 @@ def run_job_locally(job: JobSpec, storage: str | Path | None = None,
         if key not in datasets:
             datasets[key] = load_dataset(trial.data, resolve_device(trial.train.device))
         echo(f"{trial.name}: started")
-        hooks = TrialDirHooks(trial_dir, progress=round_printer(echo))
+        dir_hooks = TrialDirHooks(trial_dir, progress=round_printer(echo))
+        hooks = dir_hooks
+        if tracking is not None:
+            from .tracking import MlflowHooks
+
+            hooks = MlflowHooks(dir_hooks, tracking.uri, tracking.trial_runs[trial.trial_id])
         result = run_trial(trial, datasets[key], hooks)
-        summaries.append(hooks.write_result(result))
+        summaries.append(dir_hooks.write_result(result))
+        if tracking is not None and not hooks.finish(result):
+            echo(f"{trial.name}: tracking server unreachable; metrics kept in "
+                 f"{trial_dir}, send them later with `ticketsearch sync {root}`")
         echo(f"{trial.name}: finished in {result.ledger.wall_clock_s:.1f}s, "
              f"{result.ledger.epochs()} epochs, {len(result.tickets)} tickets")
     summary = job_summary(job, summaries, time.time() - started)
+    if tracking is not None:
+        summary["tracking"] = {"uri": tracking.uri, "experiment_id": tracking.experiment_id,
+                               "parent_run_id": tracking.parent_run_id}
     write_json_atomic(root / "summary.json", summary)
+    if tracking is not None:
+        from .tracking import finish_job_tracking
+
+        try:
+            finish_job_tracking(tracking, root)
+        except Exception as err:  # the results are on disk; only the parent run stays open
+            echo(f"could not close the parent run ({type(err).__name__}); "
+                 f"run `ticketsearch sync {root}` once the tracking server is back")
     summary["job_dir"] = str(root)
     return summary
 

@@ -1,0 +1,468 @@
+"""MLflow tracking: one experiment per job name, a parent run per job submission, a child run
+per trial with per-epoch metrics, and tickets as artifacts.
+
+The driver (``setup_job_tracking``) creates the database, the experiment, the parent run and
+every trial's child run before any trial starts (concurrent first-time migrations of a SQLite
+store crash), and records their ids in the job directory (``mlflow.json``) so a resumed job
+continues the same runs. Trials log through ``MlflowHooks`` with an ``MlflowClient`` bound to a
+run id: no global "active run" state, safe in threads and processes.
+
+Nothing logged is lost: a call that fails (tracking server down) is written to the trial's
+``mlflow_pending.jsonl`` journal and replayed, in order, once the server answers again — on
+a later event, at the end of the trial, or by ``ticketsearch sync JOB_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .methods import EpochEvent, Hooks, RoundEvent, TrialResult
+from .tickets import Ticket
+
+STATE_FILE = "mlflow.json"
+PENDING_FILE = "mlflow_pending.jsonl"
+RETRY_INTERVAL_S = 5.0
+PARAM_VALUE_LIMIT = 500
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, bad URI)."""
+
+
+def _quiet_client_env() -> None:
+    """Fail fast instead of retrying for minutes; the journal does the retrying."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    _quiet_client_env()
+    return MlflowClient(tracking_uri=uri)
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/", "postgresql:", "mysql:"))
+
+
+def tracking_uri_for(job, storage: str | Path | None = None) -> str:
+    """The spec's ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the
+    storage folder (``<storage>/mlflow.db``)."""
+    explicit = job.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if explicit:
+        return explicit
+    root = Path(storage or job.storage.path).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Where a local store keeps artifacts (``mlartifacts`` beside the database); None for a
+    server, whose own (proxied) artifact root applies."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError unless an HTTP tracking server answers its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        response.raise_for_status()
+    except requests.RequestException as err:
+        raise TrackingError(
+            f"tracking server {uri} is unreachable ({type(err).__name__}); start it "
+            "(e.g. `mlflow server --host 127.0.0.1 --port 5000`), or point tracking.uri / "
+            "MLFLOW_TRACKING_URI at a running one, or unset both to use a local SQLite store"
+        ) from None
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    else:
+        text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+        out[prefix] = text[:PARAM_VALUE_LIMIT]
+
+
+def flat_params(data: dict[str, Any]) -> dict[str, str]:
+    """Nested spec dict -> ``{"train.lr": "0.1", ...}`` (values cut to MLflow's limit)."""
+    out: dict[str, str] = {}
+    _flatten("", data, out)
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def trial_params(trial) -> dict[str, str]:
+    """Every knob of a trial as flat MLflow params."""
+    data = trial.model_dump(mode="json", by_alias=True)
+    data.pop("job_name", None)
+    return flat_params(data)
+
+
+@dataclass
+class JobTracking:
+    """Where a job's runs live; persisted as ``mlflow.json`` in the job directory."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    trial_runs: dict[str, str] = field(default_factory=dict)
+
+    def save(self, job_dir: Path) -> None:
+        from .jobdir import write_json_atomic
+
+        write_json_atomic(job_dir / STATE_FILE, self.__dict__)
+
+    @classmethod
+    def load(cls, job_dir: Path) -> JobTracking | None:
+        path = Path(job_dir) / STATE_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root_for(uri))
+    except Exception:  # another driver created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _start_parent(client, experiment_id: str, job, job_dir: Path,
+                  ray_address: str | None) -> str:
+    from . import __version__
+
+    tags = {"ticketsearch.job": job.name, "ticketsearch.spec_hash": job.spec_hash(),
+            "ticketsearch.version": __version__, "ticketsearch.job_dir": str(job_dir),
+            "ticketsearch.kind": "job"}
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if ray_address:
+        tags["ticketsearch.ray_address"] = ray_address
+    run = client.create_run(experiment_id, run_name=f"{job.name} {job.spec_hash()}", tags=tags)
+    run_id = run.info.run_id
+    _log_params(client, run_id, flat_params(job.model_dump(mode="json", by_alias=True)))
+    spec = job_dir / "spec.yaml"
+    if spec.exists():
+        client.log_artifact(run_id, str(spec))
+    return run_id
+
+
+def _start_child(client, tracking: JobTracking, job, trial) -> str:
+    tags = {
+        "mlflow.parentRunId": tracking.parent_run_id,
+        "method": trial.method, "model": trial.model.name, "dataset": trial.data.dataset,
+        "trial_id": trial.trial_id, "ticketsearch.job": job.name,
+        "ticketsearch.spec_hash": job.spec_hash(), "ticketsearch.kind": "trial",
+    }
+    run = client.create_run(tracking.experiment_id, run_name=trial.name, tags=tags)
+    _log_params(client, run.info.run_id, trial_params(trial))
+    return run.info.run_id
+
+
+def setup_job_tracking(job, job_dir: Path, uri: str, ray_address: str | None = None
+                       ) -> JobTracking:
+    """Create (or find again, for a resumed job) the experiment, parent and child runs."""
+    check_reachable(uri)
+    client = _client(uri)
+    tracking = JobTracking.load(job_dir)
+    if tracking is None or tracking.uri != uri:
+        experiment_id = _experiment_id(client, job.tracking.experiment or job.name, uri)
+        parent = _start_parent(client, experiment_id, job, job_dir, ray_address)
+        tracking = JobTracking(uri, experiment_id, parent)
+    else:
+        client.update_run(tracking.parent_run_id, status="RUNNING")
+    for trial in job.trials():
+        if trial.trial_id not in tracking.trial_runs:
+            tracking.trial_runs[trial.trial_id] = _start_child(client, tracking, job, trial)
+    tracking.save(job_dir)
+    return tracking
+
+
+def finish_job_tracking(tracking: JobTracking, job_dir: Path, status: str = "FINISHED") -> None:
+    """Attach the job summary to the parent run and close it."""
+    client = _client(tracking.uri)
+    summary = job_dir / "summary.json"
+    if summary.exists():
+        client.log_artifact(tracking.parent_run_id, str(summary))
+    client.set_terminated(tracking.parent_run_id, status=status)
+
+
+# --- per-trial logging with a journal ---------------------------------------------------------
+
+
+class RunLogger:
+    """Sends operations to one MLflow run; journals what could not be sent and replays it."""
+
+    def __init__(self, uri: str, run_id: str, journal: Path):
+        self.uri = uri
+        self.run_id = run_id
+        self.journal = Path(journal)
+        self.client = _client(uri)
+        self._next_retry = 0.0
+
+    def submit(self, op: dict[str, Any]) -> None:
+        """Send ``op`` now if nothing is waiting, else queue it behind what is waiting."""
+        if self.journal.exists():
+            self._append(op)
+            self.replay()
+            return
+        try:
+            self._apply(op)
+        except Exception:
+            self._append(op)
+            self._next_retry = time.monotonic() + RETRY_INTERVAL_S
+
+    def replay(self, force: bool = False) -> bool:
+        """Try to send the journal in order; True when nothing is left waiting."""
+        if not self.journal.exists():
+            return True
+        if not force and time.monotonic() < self._next_retry:
+            return False
+        lines = [line for line in self.journal.read_text().splitlines() if line.strip()]
+        for index, line in enumerate(lines):
+            try:
+                self._apply(json.loads(line))
+            except Exception:
+                self._rewrite(lines[index:])
+                self._next_retry = time.monotonic() + RETRY_INTERVAL_S
+                return False
+        self.journal.unlink(missing_ok=True)
+        return True
+
+    def _append(self, op: dict[str, Any]) -> None:
+        with self.journal.open("a") as f:
+            f.write(json.dumps(op) + "\n")
+
+    def _rewrite(self, lines: list[str]) -> None:
+        tmp = self.journal.with_name(self.journal.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, self.journal)
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        kind = op["op"]
+        if kind == "metrics":
+            metrics = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["values"].items()]
+            self.client.log_batch(self.run_id, metrics=metrics)
+        elif kind == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+        elif kind == "artifacts":
+            self.client.log_artifacts(self.run_id, op["local"], op["artifact_path"])
+        elif kind == "artifact":
+            self.client.log_artifact(self.run_id, op["local"], op.get("artifact_path"))
+        elif kind == "status":
+            self.client.update_run(self.run_id, status=op["status"])
+        elif kind == "terminate":
+            self.client.set_terminated(self.run_id, status=op["status"])
+        else:
+            raise ValueError(f"unknown journal operation {kind!r}")
+
+
+def metrics_op(values: dict[str, float], step: int) -> dict[str, Any]:
+    return {"op": "metrics", "values": values, "step": step,
+            "timestamp": int(time.time() * 1000)}
+
+
+class MlflowHooks(Hooks):
+    """Logs a trial to its MLflow run and delegates persistence to ``inner`` (the trial
+    directory hooks, which own checkpoints and ticket files)."""
+
+    def __init__(self, inner, uri: str, run_id: str):
+        self.inner = inner
+        self.logger = RunLogger(uri, run_id, Path(inner.dir) / PENDING_FILE)
+        self.logger.submit({"op": "status", "status": "RUNNING"})
+
+    def epoch_end(self, event: EpochEvent) -> None:
+        self.inner.epoch_end(event)
+        values = event.metrics() | {"epoch_seconds": event.seconds, "epoch": event.epoch}
+        values.pop("seconds", None)
+        self.logger.submit(metrics_op(values, event.step))
+
+    def round_end(self, event: RoundEvent) -> None:
+        self.inner.round_end(event)
+        prefix = "retrain" if event.phase == "retrain" else "round"
+        values = {f"{prefix}_sparsity": event.sparsity}
+        if event.val_acc is not None:
+            values[f"{prefix}_val_acc"] = event.val_acc
+        if event.test_acc is not None:
+            values[f"{prefix}_test_acc"] = event.test_acc
+        self.logger.submit(metrics_op(values, event.round))
+
+    def ticket_found(self, ticket: Ticket) -> None:
+        self.inner.ticket_found(ticket)
+        local = Path(self.inner.dir) / "tickets" / ticket.name
+        layers = write_layer_report(ticket, Path(self.inner.dir) / "ticket_layers")
+        step = int(ticket.meta.get("round") or 0)
+        values = {"ticket_sparsity": ticket.sparsity,
+                  "search_epochs": ticket.meta.get("search_epochs", 0),
+                  "retrain_epochs": ticket.meta.get("retrain_epochs", 0)}
+        for key in ("val_acc", "test_acc"):
+            if ticket.meta.get(key) is not None:
+                values[f"ticket_{key}"] = ticket.meta[key]
+        self.logger.submit({"op": "artifacts", "local": str(local),
+                            "artifact_path": f"tickets/{ticket.name}"})
+        for path in layers:
+            self.logger.submit({"op": "artifact", "local": str(path),
+                                "artifact_path": "ticket_layers"})
+        self.logger.submit(metrics_op(values, step))
+        self.logger.submit({"op": "tags", "tags": {"has_ticket": "true",
+                                                   f"ticket_name.{step}": ticket.name}})
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        self.inner.save_checkpoint(state)
+        self.logger.replay()
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        return self.inner.load_checkpoint()
+
+    def epochs_reported(self) -> int:
+        return self.inner.epochs_reported()
+
+    def finish(self, result: TrialResult, status: str = "FINISHED") -> bool:
+        """Log the trial's totals and close its run; True when everything reached MLflow."""
+        ledger = result.ledger
+        values = {"wall_clock_s": ledger.wall_clock_s, "device_s": ledger.device_s,
+                  "recomputed_epochs": ledger.recomputed_epochs,
+                  "search_epochs_total": ledger.epochs("search"),
+                  "retrain_epochs_total": ledger.epochs("retrain"),
+                  "dense_epochs_total": ledger.epochs("dense")}
+        values |= {f"final_{k}": v for k, v in result.final.items() if v is not None}
+        self.logger.submit(metrics_op(values, ledger.epochs()))
+        result_file = Path(self.inner.dir) / "result.json"
+        if result_file.exists():
+            self.logger.submit({"op": "artifact", "local": str(result_file),
+                                "artifact_path": None})
+        self.logger.submit({"op": "terminate", "status": status})
+        return self.logger.replay(force=True)
+
+
+def write_layer_report(ticket: Ticket, folder: Path) -> list[Path]:
+    """Per-layer density of a ticket as JSON and as a bar chart PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    densities = ticket.layer_densities()
+    json_path = folder / f"{ticket.name}.json"
+    json_path.write_text(json.dumps({"ticket": ticket.name, "sparsity": ticket.sparsity,
+                                     "layer_density": densities}, indent=2))
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(densities) + 2), 3.2))
+    ax.bar(range(len(densities)), list(densities.values()), color="#3b75af")
+    ax.set_xticks(range(len(densities)), list(densities), rotation=70, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("density (kept fraction)")
+    ax.set_title(f"{ticket.name}: sparsity {ticket.sparsity:.3f}")
+    fig.tight_layout()
+    png_path = folder / f"{ticket.name}.png"
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return [json_path, png_path]
+
+
+def sync_job_dir(job_dir: Path) -> dict[str, bool]:
+    """Replay every trial's pending journal of a job directory; per trial: all sent?"""
+    tracking = JobTracking.load(job_dir)
+    if tracking is None:
+        raise TrackingError(f"{job_dir}: no {STATE_FILE} here; is this a job directory of a "
+                            "tracked job?")
+    check_reachable(tracking.uri)
+    outcome = {}
+    for trial_id, run_id in tracking.trial_runs.items():
+        journal = Path(job_dir) / "trials" / trial_id / PENDING_FILE
+        if journal.exists():
+            outcome[trial_id] = RunLogger(tracking.uri, run_id, journal).replay(force=True)
+    return outcome
+
+
+# --- reading back ------------------------------------------------------------------------------
+
+
+def download_ticket(uri: str, tracking_uri: str | None = None) -> Path:
+    """Download a ticket artifact (``runs:/<run_id>/tickets/<name>``) to a temporary folder."""
+    import tempfile
+
+    import mlflow
+
+    _quiet_client_env()
+    target = tempfile.mkdtemp(prefix="ticket-")
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target,
+                                                    tracking_uri=tracking_uri))
+
+
+def list_tickets(uri: str, job: str | None = None, method: str | None = None,
+                 min_sparsity: float = 0.0) -> list[dict[str, Any]]:
+    """Every ticket logged in the store (optionally of one job / method), sparsest first."""
+    check_reachable(uri)
+    client = _client(uri)
+    experiments = client.search_experiments()
+    if job is not None:
+        experiments = [e for e in experiments if e.name == job]
+        if not experiments:
+            raise TrackingError(f"no experiment named {job!r} in {uri}")
+    query = "tags.has_ticket = 'true'"
+    if method:
+        query += f" and tags.method = '{method}'"
+    rows = []
+    for experiment in experiments:
+        for run in client.search_runs([experiment.experiment_id], query, max_results=5000):
+            rows += _ticket_rows(client, run, experiment.name)
+    rows = [r for r in rows if r["sparsity"] >= min_sparsity]
+    return sorted(rows, key=lambda r: (-r["sparsity"], -(r["test_acc"] or 0)))
+
+
+def _ticket_rows(client, run, experiment: str) -> list[dict[str, Any]]:
+    def history(key):
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+    sparsity, test, val = (history(k) for k in
+                           ("ticket_sparsity", "ticket_test_acc", "ticket_val_acc"))
+    rows = []
+    for step, value in sorted(sparsity.items()):
+        name = run.data.tags.get(f"ticket_name.{step}", f"step-{step}")
+        rows.append({
+            "experiment": experiment, "method": run.data.tags.get("method"),
+            "trial": run.info.run_name, "name": name, "sparsity": value,
+            "val_acc": val.get(step), "test_acc": test.get(step), "run_id": run.info.run_id,
+            "artifact": f"runs:/{run.info.run_id}/tickets/{name}",
+        })
+    return rows
