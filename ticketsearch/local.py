@@ -51,9 +51,10 @@ def run_job_locally(job: JobSpec, storage: str | Path | None = None,
     """
     tracking = None
     if track:
-        from .tracking import setup_job_tracking, tracking_uri_for
+        from .tracking import check_reachable, setup_job_tracking, tracking_uri_for
 
         uri = tracking_uri_for(job, storage)
+        check_reachable(uri)  # before anything is written
     root = prepare_job_dir(job, storage)
     if track:
         tracking = setup_job_tracking(job, root, uri)
