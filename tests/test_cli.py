@@ -213,7 +213,7 @@ def tiny_run(tmp_path_factory):
     spec.write_text(TINY_JOB)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(["run", str(spec), "--storage", str(base / "runs")])
+        status = main(["run", str(spec), "--in-process", "--storage", str(base / "runs")])
     job = load_job(spec)
     root = base / "runs" / f"{job.name}-{job.spec_hash()}"
     return status, out.getvalue(), err.getvalue(), root, spec
@@ -302,7 +302,7 @@ def test_run_interrupted_tells_the_user_how_to_resume(tmp_path, capsys, monkeypa
     monkeypatch.setattr(ticketsearch.local, "run_job_locally", interrupted)
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY_JOB)
-    status, _, err = run_cli(capsys, "run", str(spec), "--storage", str(tmp_path / "runs"))
+    status, _, err = run_cli(capsys, "run", str(spec), "--in-process", "--storage", str(tmp_path / "runs"))
     assert status == 130
     assert err == "interrupted; re-run the same command to resume\n"
 

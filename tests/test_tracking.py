@@ -161,7 +161,7 @@ def test_journal_keeps_operations_in_order_until_the_store_answers(tmp_path, mon
     def apply(self, op):
         if failing["on"]:
             raise ConnectionError("down")
-        sent.append(op["values"]["x"])
+        sent.append(op["items"][0]["values"]["x"])
 
     monkeypatch.setattr(tracking.RunLogger, "_apply", apply)
     monkeypatch.setattr(tracking, "_client", lambda uri: None)

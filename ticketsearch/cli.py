@@ -16,15 +16,17 @@ EXIT_USAGE = 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .cluster import ClusterError
     from .data import DatasetError
     from .methods import CheckpointError
     from .models import ModelError
     from .sparsity.ticketfile import TicketFormatError
     from .spec import SpecError
+    from .submit import SubmitError
     from .tracking import TrackingError
 
     return (SpecError, DatasetError, ModelError, TicketFormatError, CheckpointError,
-            TrackingError, FileNotFoundError)
+            TrackingError, ClusterError, SubmitError, FileNotFoundError)
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -59,11 +61,21 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .local import format_summary, run_job_locally
+    from .report import format_summary
     from .spec import load_job
 
     job = load_job(args.job, args.overrides)
-    summary = run_job_locally(job, storage=args.storage, track=not args.no_tracking)
+    if args.in_process:
+        from .local import run_job_locally
+
+        summary = run_job_locally(job, storage=args.storage, track=not args.no_tracking)
+    else:
+        from .cluster import run_job_on_ray
+
+        summary = run_job_on_ray(job, storage=args.storage, address=args.address,
+                                 track=not args.no_tracking,
+                                 check_resources=not args.skip_resource_check,
+                                 dashboard=args.dashboard)
     print(format_summary(summary))
     print(f"results in {summary['job_dir']}")
     return 0
@@ -131,6 +143,68 @@ def cmd_sync(args) -> int:
     return 1 if left else 0
 
 
+def cmd_submit(args) -> int:
+    from .submit import resolve_address, submit_job
+
+    extra = [flag for flag, on in (("--no-tracking", args.no_tracking),
+                                   ("--skip-resource-check", args.skip_resource_check)) if on]
+    job_id = submit_job(args.job, args.address, args.overrides, storage=args.storage,
+                        extra_args=extra)
+    address = resolve_address(args.address)
+    print(job_id)
+    print(f"submitted to {address}; follow it with:\n"
+          f"  ticketsearch logs {job_id} --address {address} --follow\n"
+          f"  ticketsearch status {job_id} --address {address}\n"
+          f"  ticketsearch stop {job_id} --address {address}")
+    return _follow_job(args, job_id) if args.wait else 0
+
+
+def _follow_job(args, job_id: str) -> int:
+    """Stream the job's logs until it ends: 0 if it SUCCEEDED, 1 otherwise (or on timeout)."""
+    from .submit import JobWaitTimeout, follow_logs
+
+    try:
+        status = follow_logs(args.address, job_id, lambda text: print(text, end="", flush=True),
+                             timeout_s=args.timeout)
+    except JobWaitTimeout as err:
+        print(f"timed out after {args.timeout:g}s: {err}", file=sys.stderr)
+        return 1
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_status(args) -> int:
+    from .submit import job_info
+
+    info = job_info(args.address, args.job_id)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(info["status"])
+    if info["message"]:
+        print(info["message"])
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from .submit import job_logs
+
+    if args.follow:
+        return _follow_job(args, args.job_id)
+    print(job_logs(args.address, args.job_id), end="")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from .submit import job_status, stop_job
+
+    if stop_job(args.address, args.job_id):
+        print(f"stop requested for {args.job_id}")
+    else:
+        print(f"{args.job_id} was not running ({job_status(args.address, args.job_id)})")
+    return 0
+
+
 def cmd_ticket(args) -> int:
     from .tickets import load_ticket
 
@@ -154,10 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ticketsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a job (trials one after another, in this process)")
+    run = sub.add_parser("run", help="run (or resume) a job on Ray (local by default)")
     _add_spec_args(run)
     run.add_argument("--storage", help="storage folder (default: the spec's storage.path)")
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    run.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else "
+                     "start a local Ray)")
+    run.add_argument("--in-process", action="store_true",
+                     help="run the trials one after another in this process, without Ray")
+    run.add_argument("--skip-resource-check", action="store_true",
+                     help="do not refuse trials larger than every current node (autoscaling)")
+    run.add_argument("--dashboard", action="store_true",
+                     help="start the Ray dashboard with the local cluster")
     run.set_defaults(func=cmd_run)
 
     def store_args(p):
@@ -165,6 +247,46 @@ def build_parser() -> argparse.ArgumentParser:
                        "else the SQLite store under --storage)")
         p.add_argument("--storage", default="./ticketsearch-runs",
                        help="storage folder of local jobs (default ./ticketsearch-runs)")
+
+    def address_arg(p):
+        p.add_argument("--address", help="the head's dashboard, e.g. http://HEAD:8265 (default: "
+                       "RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)")
+
+    def wait_args(p, flag, help_text):
+        p.add_argument(flag, action="store_true", help=help_text)
+        p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help=f"with {flag}: give up waiting after this long (the job keeps "
+                       "running)")
+
+    submit = sub.add_parser("submit", help="submit a job to a remote Ray cluster (Job API)")
+    _add_spec_args(submit)
+    address_arg(submit)
+    submit.add_argument("--storage", help="storage folder on the cluster, an absolute path "
+                        "every node sees (default: the spec's storage.path)")
+    submit.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    submit.add_argument("--skip-resource-check", action="store_true",
+                        help="do not refuse trials larger than every current node (autoscaling)")
+    wait_args(submit, "--wait", "stream the logs until the job ends; exit 0 if it SUCCEEDED, "
+              "else 1")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="status of a submitted job")
+    status.add_argument("job_id", help="the id `ticketsearch submit` printed")
+    address_arg(status)
+    status.add_argument("--json", action="store_true", help="print status, message, times")
+    status.set_defaults(func=cmd_status)
+
+    logs = sub.add_parser("logs", help="logs of a submitted job")
+    logs.add_argument("job_id", help="the id `ticketsearch submit` printed")
+    address_arg(logs)
+    wait_args(logs, "--follow", "keep printing until the job ends; exit 0 if it SUCCEEDED, "
+              "else 1")
+    logs.set_defaults(func=cmd_logs)
+
+    stop = sub.add_parser("stop", help="stop a submitted job")
+    stop.add_argument("job_id", help="the id `ticketsearch submit` printed")
+    address_arg(stop)
+    stop.set_defaults(func=cmd_stop)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the job store (loopback)")
     store_args(ui)

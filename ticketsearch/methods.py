@@ -598,3 +598,16 @@ class RetrainRun(_TrialRun):
 def asdict_event(event) -> dict[str, Any]:
     """An event as a plain dict (for JSON lines)."""
     return asdict(event)
+
+
+def planned_epochs(trial) -> int:
+    """Epochs a trial is configured to train (for progress display only; the cost report
+    counts epochs from the ledger)."""
+    epochs = trial.train.epochs_per_round
+    retrain = (trial.retrain.epochs or epochs) if trial.retrain.enabled else 0
+    if trial.method == "dense":
+        return epochs
+    if trial.method == "cs":
+        return trial.cs.rounds * epochs + retrain
+    retrained = 1 if trial.imp.rewind_between_rounds else trial.imp.rounds
+    return trial.imp.rounds * epochs + retrained * retrain

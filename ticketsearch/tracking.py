@@ -28,6 +28,8 @@ from .tickets import Ticket
 STATE_FILE = "mlflow.json"
 PENDING_FILE = "mlflow_pending.jsonl"
 RETRY_INTERVAL_S = 5.0
+FLUSH_EVERY_S = 5.0  # epoch metrics are sent in batches at most this old
+BATCH_LIMIT = 1000  # MLflow's limit of metrics per log_batch
 PARAM_VALUE_LIMIT = 500
 
 
@@ -280,8 +282,10 @@ class RunLogger:
 
         kind = op["op"]
         if kind == "metrics":
-            metrics = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["values"].items()]
-            self.client.log_batch(self.run_id, metrics=metrics)
+            metrics = [Metric(k, v, item["timestamp"], item["step"])
+                       for item in op["items"] for k, v in item["values"].items()]
+            for start in range(0, len(metrics), BATCH_LIMIT):
+                self.client.log_batch(self.run_id, metrics=metrics[start:start + BATCH_LIMIT])
         elif kind == "tags":
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
         elif kind == "artifacts":
@@ -296,28 +300,49 @@ class RunLogger:
             raise ValueError(f"unknown journal operation {kind!r}")
 
 
+def metrics_item(values: dict[str, float], step: int) -> dict[str, Any]:
+    return {"values": values, "step": step, "timestamp": int(time.time() * 1000)}
+
+
 def metrics_op(values: dict[str, float], step: int) -> dict[str, Any]:
-    return {"op": "metrics", "values": values, "step": step,
-            "timestamp": int(time.time() * 1000)}
+    """One journal operation logging ``values`` at ``step``."""
+    return {"op": "metrics", "items": [metrics_item(values, step)]}
 
 
 class MlflowHooks(Hooks):
     """Logs a trial to its MLflow run and delegates persistence to ``inner`` (the trial
-    directory hooks, which own checkpoints and ticket files)."""
+    directory hooks, which own checkpoints and ticket files).
+
+    Epoch metrics are batched (sent every ``FLUSH_EVERY_S`` seconds) and always flushed before
+    a checkpoint is written, so whatever a checkpoint accounts for has reached MLflow or the
+    journal; epochs after it are retrained and logged again after a crash.
+    """
 
     def __init__(self, inner, uri: str, run_id: str):
         self.inner = inner
         self.logger = RunLogger(uri, run_id, Path(inner.dir) / PENDING_FILE)
+        self.buffer: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
         self.logger.submit({"op": "status", "status": "RUNNING"})
+
+    def flush(self) -> None:
+        """Send the buffered epoch metrics as one operation."""
+        if self.buffer:
+            self.logger.submit({"op": "metrics", "items": self.buffer})
+            self.buffer = []
+        self.last_flush = time.monotonic()
 
     def epoch_end(self, event: EpochEvent) -> None:
         self.inner.epoch_end(event)
         values = event.metrics() | {"epoch_seconds": event.seconds, "epoch": event.epoch}
         values.pop("seconds", None)
-        self.logger.submit(metrics_op(values, event.step))
+        self.buffer.append(metrics_item(values, event.step))
+        if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
+            self.flush()
 
     def round_end(self, event: RoundEvent) -> None:
         self.inner.round_end(event)
+        self.flush()
         prefix = "retrain" if event.phase == "retrain" else "round"
         values = {f"{prefix}_sparsity": event.sparsity}
         if event.val_acc is not None:
@@ -328,6 +353,7 @@ class MlflowHooks(Hooks):
 
     def ticket_found(self, ticket: Ticket) -> None:
         self.inner.ticket_found(ticket)
+        self.flush()
         local = Path(self.inner.dir) / "tickets" / ticket.name
         layers = write_layer_report(ticket, Path(self.inner.dir) / "ticket_layers")
         step = int(ticket.meta.get("round") or 0)
@@ -347,6 +373,7 @@ class MlflowHooks(Hooks):
                                                    f"ticket_name.{step}": ticket.name}})
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        self.flush()
         self.inner.save_checkpoint(state)
         self.logger.replay()
 
@@ -358,6 +385,7 @@ class MlflowHooks(Hooks):
 
     def finish(self, result: TrialResult, status: str = "FINISHED") -> bool:
         """Log the trial's totals and close its run; True when everything reached MLflow."""
+        self.flush()
         ledger = result.ledger
         values = {"wall_clock_s": ledger.wall_clock_s, "device_s": ledger.device_s,
                   "recomputed_epochs": ledger.recomputed_epochs,

@@ -189,6 +189,7 @@ class EpochLedger:
             "wall_clock_s": round(self.wall_clock_s, 3),
             "device_s": round(self.device_s, 3),
             "attempts": len(self.attempts),
+            "attempt_windows": [list(a) for a in self.attempts],
         }
 
     def to_dict(self) -> dict:

@@ -1,0 +1,176 @@
+"""Ray orchestration on a real local Ray (one session-wide instance, 2 CPUs + 1 logical GPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_job_dict
+
+from ticketsearch.cli import main
+from ticketsearch.cluster import ClusterError, check_resources_fit, run_job_on_ray
+from ticketsearch.jobdir import read_events, read_result
+from ticketsearch.spec import parse_job
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def quiet(_):
+    pass
+
+
+def test_sweep_of_four_cs_settings_and_an_imp_chain(ray_local, tmp_path):
+    data = tiny_job_dict(cs={"rounds": 2, "sweep": {"mask_init": [0.0, -0.01],
+                                                    "seed": [0, 1]}},
+                         imp={"rounds": 3})
+    data["resources"] = {"cpus": 0.4}
+    job = parse_job(data)
+    summary = run_job_on_ray(job, storage=tmp_path, echo=quiet, track=False)
+    cs, imp = summary["methods"]["cs"], summary["methods"]["imp"]
+    assert cs["trials"] == 4 and len(cs["tickets"]) == 4
+    assert [t["name"] for t in imp["tickets"]] == ["round-01", "round-02", "round-03"]
+    assert cs["search_epochs"] == {"critical_path": 8, "total": 32}
+    assert cs["retrain_epochs"] == {"critical_path": 4, "total": 16}
+    assert imp["search_epochs"] == {"critical_path": 12, "total": 12}
+    assert summary["failed_trials"] == []
+    for trial in summary["trials"]:
+        assert trial["ledger"]["recomputed_epochs"] == 0
+        assert trial["ledger"]["attempts"] == 1
+
+
+def test_quarter_gpu_trials_run_concurrently_on_one_logical_gpu(ray_local, tmp_path):
+    data = tiny_job_dict(cs={"rounds": 3, "sweep": {"seed": [0, 1, 2, 3]}})
+    data["train"]["epochs_per_round"] = 8
+    data["model"]["mlp_hidden"] = [300, 100]
+    data["resources"] = {"cpus": 0.25, "gpus": 0.25}
+    job = parse_job(data)
+    summary = run_job_on_ray(job, storage=tmp_path, echo=quiet, track=False)
+    windows = []
+    for trial in summary["trials"]:
+        events = read_events(Path(summary["job_dir"]) / "trials" / trial["trial_id"])
+        assert events[0]["kind"] == "epoch"
+        assert trial["ledger"]["device"] == "cpu"  # a logical GPU: CUDA is never touched
+        (window,) = trial["ledger"]["attempt_windows"]
+        windows.append(window)
+    latest_start = max(start for start, _ in windows)
+    earliest_end = min(end for _, end in windows)
+    assert latest_start < earliest_end, windows  # all four were running at the same time
+
+
+def test_impossible_resource_request_fails_fast(ray_local, tmp_path):
+    data = tiny_job_dict(cs={"rounds": 1})
+    data["resources"] = {"cpus": 1, "gpus": 2}
+    job = parse_job(data)
+    with pytest.raises(ClusterError, match="resources.gpus=2"):
+        check_resources_fit(job.trials(), [{"CPU": 2.0, "GPU": 1.0}])
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="no node of the cluster"):
+        run_job_on_ray(job, storage=tmp_path, echo=quiet, track=False)
+    assert time.monotonic() - started < 30
+
+
+def test_cli_refuses_impossible_resources_with_exit_2(ray_local, tmp_path, capsys):
+    spec = tmp_path / "big.yaml"
+    spec.write_text(json.dumps(tiny_job_dict(cs={"rounds": 1})
+                               | {"resources": {"cpus": 64}}))
+    assert main(["run", str(spec), "--storage", str(tmp_path / "runs"), "--no-tracking"]) == 2
+    err = capsys.readouterr().err
+    assert "resources.cpus=64" in err and "Traceback" not in err
+
+
+def test_killed_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
+    data = tiny_job_dict(cs={"rounds": 2})
+    data["model"]["mlp_hidden"] = [300, 100]
+    data["train"].update(epochs_per_round=30, lr_milestones=[20], checkpoint_every=5)
+    data["resources"] = {"cpus": 1, "max_failures": 2}
+    job = parse_job(data)
+    (trial,) = job.trials()
+    trial_dir = tmp_path / f"{job.name}-{job.spec_hash()}" / "trials" / trial.trial_id
+    killed = {}
+
+    def killer():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            events = [e for e in _safe_events(trial_dir) if e["kind"] == "epoch"]
+            if len(events) >= 37 and (trial_dir / "worker.pid").exists():
+                killed["pid"] = int((trial_dir / "worker.pid").read_text())
+                killed["seen"] = len(events)
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    summary = run_job_on_ray(job, storage=tmp_path, echo=quiet, track=False)
+    thread.join()
+    assert "pid" in killed, "the trial finished before it could be killed"
+    (result,) = summary["trials"]
+    ledger = result["ledger"]
+    assert ledger["epochs"] == {"search": 60, "retrain": 30, "total": 90}  # nothing double-counted
+    assert ledger["attempts"] == 2
+    assert 1 <= ledger["recomputed_epochs"] <= 5  # at most checkpoint_every epochs were lost
+    steps = [e["step"] for e in read_events(trial_dir)]
+    assert steps == list(range(90))
+    assert int((trial_dir / "worker.pid").read_text()) != killed["pid"]
+
+
+def _safe_events(trial_dir: Path):
+    try:
+        return read_events(trial_dir, kind="epoch")
+    except (json.JSONDecodeError, FileNotFoundError):
+        return []
+
+
+def test_killed_driver_resumes_and_no_trial_runs_twice(tmp_path):
+    data = tiny_job_dict(cs={"rounds": 2, "sweep": {"mask_init": [0.0, -0.01]}}, imp={"rounds": 8})
+    data["model"]["mlp_hidden"] = [300, 100]
+    data["train"].update(epochs_per_round=10, lr_milestones=[8], checkpoint_every=2)
+    data["resources"] = {"cpus": 1}
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(data))
+    job = parse_job(data)
+    root = tmp_path / "runs" / f"{job.name}-{job.spec_hash()}"
+    command = [sys.executable, "-m", "ticketsearch.cli", "run", str(spec), "--storage",
+               str(tmp_path / "runs"), "--no-tracking"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    driver = subprocess.Popen(command, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    imp_dir = root / "trials" / "imp-global-p=0.2-seed=0"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        finished = [d for d in (root / "trials").glob("*") if (d / "result.json").exists()] \
+            if (root / "trials").exists() else []
+        if finished and len(_safe_events(imp_dir)) >= 25:
+            break
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+    driver.wait()
+    finished_before = {d.name: (d / "result.json").read_text() for d in finished}
+    assert finished_before and read_result(imp_dir) is None
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name, text in finished_before.items():
+        assert (root / "trials" / name / "result.json").read_text() == text  # not run again
+    imp = read_result(imp_dir)
+    assert imp["ledger"]["attempts"] == 2
+    assert imp["ledger"]["epochs"]["search"] == 80
+    assert [e["step"] for e in read_events(imp_dir)] == list(range(90))
+    summary = json.loads((root / "summary.json").read_text())
+    assert len(summary["trials"]) == 3

@@ -1,0 +1,60 @@
+"""Job summaries: tickets and costs per method, from the trials' results (ledgers of epochs
+actually trained, never the config)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _cost(trials: list[dict[str, Any]], phase: str) -> dict[str, int]:
+    epochs = [t["ledger"]["epochs"].get(phase, 0) for t in trials]
+    return {"critical_path": max(epochs, default=0), "total": sum(epochs)}
+
+
+def job_summary(job, trials: list[dict[str, Any]], makespan_s: float) -> dict[str, Any]:
+    """Per-method tickets and costs from the trials' ledgers (epochs trained, not configured)."""
+    methods: dict[str, Any] = {}
+    for method in ("dense", "cs", "imp"):
+        mine = [t for t in trials if t["method"] == method]
+        if not mine:
+            continue
+        wall = [t["ledger"]["wall_clock_s"] for t in mine]
+        methods[method] = {
+            "trials": len(mine),
+            "tickets": [dict(t, trial_id=r["trial_id"]) for r in mine for t in r["tickets"]],
+            "search_epochs": _cost(mine, "search"),
+            "retrain_epochs": _cost(mine, "retrain"),
+            "dense_epochs": _cost(mine, "dense"),
+            "wall_clock_s": {"critical_path": max(wall), "total": sum(wall)},
+            "device_s": sum(t["ledger"]["device_s"] for t in mine),
+            "final": [r["final"] for r in mine],
+        }
+    return {"job": job.name, "spec_hash": job.spec_hash(), "makespan_s": makespan_s,
+            "methods": methods, "trials": trials}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Terminal tables: tickets per method, then epochs and wall-clock per method."""
+    lines = ["tickets (sparsity, val acc, test acc):"]
+    for method, info in summary["methods"].items():
+        for t in sorted(info["tickets"], key=lambda t: t["sparsity"]):
+            val = "-" if t["val_acc"] is None else f"{t['val_acc']:.4f}"
+            test = "-" if t["test_acc"] is None else f"{t['test_acc']:.4f}"
+            lines.append(f"  {method:5s} {t['trial_id']}/{t['name']}: {t['sparsity']:.3f} "
+                         f"{val} {test}")
+        for final in info["final"]:
+            if method == "dense":
+                lines.append(f"  dense baseline test acc {final.get('test_acc')}")
+    lines.append("cost (epochs critical path / total; wall-clock s critical path / total):")
+    for method, info in summary["methods"].items():
+        search, retrain, wall = info["search_epochs"], info["retrain_epochs"], info["wall_clock_s"]
+        if method == "dense":
+            search = info["dense_epochs"]
+        lines.append(
+            f"  {method:5s} {'train' if method == 'dense' else 'search'} "
+            f"{search['critical_path']}/{search['total']}  "
+            f"retrain {retrain['critical_path']}/{retrain['total']}  "
+            f"wall {wall['critical_path']:.1f}/{wall['total']:.1f}"
+        )
+    lines.append(f"makespan {summary['makespan_s']:.1f}s")
+    return "\n".join(lines)
