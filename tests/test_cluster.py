@@ -164,7 +164,9 @@ def test_killed_driver_resumes_and_no_trial_runs_twice(tmp_path):
     driver.wait()
     finished_before = {d.name: (d / "result.json").read_text() for d in finished}
     assert finished_before and read_result(imp_dir) is None
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    resume = [sys.executable, "-m", "ticketsearch.cli", "resume", root.name, "--storage",
+              str(tmp_path / "runs"), "--no-tracking"]
+    rerun = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for name, text in finished_before.items():
         assert (root / "trials" / name / "result.json").read_text() == text  # not run again
@@ -174,3 +176,5 @@ def test_killed_driver_resumes_and_no_trial_runs_twice(tmp_path):
     assert [e["step"] for e in read_events(imp_dir)] == list(range(90))
     summary = json.loads((root / "summary.json").read_text())
     assert len(summary["trials"]) == 3
+    assert "resuming the Ray Tune experiment" in rerun.stdout
+    assert summary["orchestration"]["critical_path_trial_s"] > 0

@@ -37,6 +37,27 @@ def _add_spec_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_resume(args) -> int:
+    """Resume a job from its directory (``<storage>/<job>-<hash>``), by id or path."""
+    from .cluster import run_job_on_ray
+    from .report import format_summary
+    from .spec import load_job
+
+    folder = Path(args.job_id)
+    if not folder.is_dir():
+        folder = Path(args.storage) / args.job_id
+    spec = folder / "spec.yaml"
+    if not spec.exists():
+        raise FileNotFoundError(f"{spec} not found: pass a job id from {args.storage} "
+                                "(a folder <job>-<hash>) or the job directory's path")
+    job = load_job(spec)
+    summary = run_job_on_ray(job, storage=folder.parent, address=args.address,
+                             track=not args.no_tracking)
+    print(format_summary(summary))
+    print(f"results in {summary['job_dir']}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from .spec import load_job
 
@@ -305,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="send a job's metrics that the tracking server missed")
     sync.add_argument("job_dir", help="the job directory (<storage>/<job>-<hash>)")
     sync.set_defaults(func=cmd_sync)
+
+    resume = sub.add_parser("resume", help="finish what is unfinished of a job")
+    resume.add_argument("job_id", help="job id (<job>-<hash>) or job directory")
+    resume.add_argument("--storage", default="./ticketsearch-runs",
+                        help="storage folder holding the job (default ./ticketsearch-runs)")
+    resume.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
+    resume.add_argument("--no-tracking", action="store_true")
+    resume.set_defaults(func=cmd_resume)
 
     validate = sub.add_parser("validate", help="check a job spec and list its trials")
     _add_spec_args(validate)

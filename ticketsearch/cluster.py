@@ -303,7 +303,7 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
         failed = [r.config.get("trial_id") for r in results if r.error is not None]
     summaries = [read_result(root / "trials" / t.trial_id) for t in job.trials()]
     summary = job_summary(job, [s for s in summaries if s is not None], time.time() - started)
-    summary["ray_startup_s"] = startup_s
+    summary["orchestration"] = orchestration_costs(summary, startup_s)
     summary["failed_trials"] = failed
     if tracking is not None:
         summary["tracking"] = {"uri": tracking.uri, "experiment_id": tracking.experiment_id,
@@ -316,6 +316,21 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
         raise ClusterError(f"{len(failed)} trial(s) failed after retries: {', '.join(failed)}; "
                            f"see {root / 'ray'}; re-run the same command to resume")
     return summary
+
+
+def orchestration_costs(summary: dict[str, Any], startup_s: float) -> dict[str, float]:
+    """Makespan vs the trials' own wall-clock: what running them through Ray cost."""
+    walls = [t["ledger"]["wall_clock_s"] for t in summary["trials"]]
+    critical = max(walls, default=0.0)
+    makespan = summary["makespan_s"]
+    return {
+        "ray_startup_s": round(startup_s, 3),
+        "makespan_s": round(makespan, 3),
+        "trial_wall_clock_sum_s": round(sum(walls), 3),
+        "critical_path_trial_s": round(critical, 3),
+        "overhead_s": round(makespan - critical, 3),
+        "overhead_fraction": round((makespan - critical) / critical, 4) if critical else 0.0,
+    }
 
 
 def _close_tracking(tracking, root: Path, status: str, echo) -> None:

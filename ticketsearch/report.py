@@ -57,4 +57,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"wall {wall['critical_path']:.1f}/{wall['total']:.1f}"
         )
     lines.append(f"makespan {summary['makespan_s']:.1f}s")
+    costs = summary.get("orchestration")
+    if costs:
+        lines.append(
+            f"orchestration: Ray start-up {costs['ray_startup_s']:.1f}s; makespan "
+            f"{costs['makespan_s']:.1f}s vs longest trial {costs['critical_path_trial_s']:.1f}s "
+            f"(overhead {costs['overhead_s']:.1f}s = {100 * costs['overhead_fraction']:.1f}%); "
+            f"sum of trial wall-clock {costs['trial_wall_clock_sum_s']:.1f}s")
     return "\n".join(lines)
