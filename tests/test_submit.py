@@ -219,11 +219,19 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(Path("/proc") / str(pid) / "cwd")
+    except OSError:
+        return ""
+
+
 def cluster_pids(marker: str) -> set[int]:
-    """Processes whose command line contains ``marker`` (the cluster's private temp dir),
-    with all their descendants (workers, job drivers)."""
+    """Processes whose command line or working directory contains ``marker`` (the cluster's
+    private temp dir), with all their descendants (workers, job drivers). The working
+    directory catches a job's entrypoint that outlived its supervisor (re-parented to init)."""
     parents = _pids_with_ppid()
-    found = {pid for pid in parents if marker in _cmdline(pid)}
+    found = {pid for pid in parents if marker in _cmdline(pid) or marker in _cwd(pid)}
     found.discard(os.getpid())
     grew = True
     while grew:
