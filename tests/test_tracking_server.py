@@ -1,0 +1,292 @@
+"""MLflow tracking against a real ``mlflow server`` (SQLite store, proxied artifacts):
+concurrent trials in separate processes, a server that goes away mid-trial and comes back,
+a server that is down until the trial has ended (then ``ticketsearch sync``), and a server
+that is unreachable before the job starts."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+import queue
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_job_dict
+from mlflow.tracking import MlflowClient
+from servers import MlflowServer, free_port, run_trial_worker
+
+import ticketsearch
+from ticketsearch import cli, tracking
+from ticketsearch.data import load_dataset
+from ticketsearch.jobdir import TrialDirHooks, read_result, write_json_atomic
+from ticketsearch.local import prepare_job_dir
+from ticketsearch.methods import run_trial
+from ticketsearch.report import job_summary
+from ticketsearch.spec import parse_job
+
+pytestmark = pytest.mark.integration
+
+MASK_INITS = [-0.1, -0.05, 0.0, 0.05]
+SEEDS = [0, 1]
+TRAIN = {"epochs_per_round": 3, "lr_milestones": [2], "rewind_epoch": 1,
+         "checkpoint_every": 2, "device": "cpu"}
+WORKER_TIMEOUT_S = 180
+
+
+def job_of(name: str, **methods):
+    """A tiny digits + mlp [32, 16] job, 3 epochs per round."""
+    data = tiny_job_dict(**methods)
+    data["name"] = name
+    data["train"] = TRAIN
+    return parse_job(data)
+
+
+@pytest.fixture(autouse=True)
+def no_global_tracking_uri(monkeypatch):
+    """A tracking URI in the environment must not redirect these tests."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for the module; a test that stops it starts it again (same port, store)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-shared"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of this test alone (fixed port and store); it may be stopped and restarted.
+    Returned unstarted."""
+    server = MlflowServer(tmp_path / "server-store", free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def step_values(client, run_id: str, key: str) -> list[int]:
+    """The sorted steps at which ``key`` was logged to ``run_id``."""
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def ledger_epochs(trial_dir: Path) -> int:
+    """Epochs a finished trial trained, from its result.json."""
+    return read_result(trial_dir)["ledger"]["epochs"]["total"]
+
+
+# --------------------------------------------------------------- 8 concurrent trials
+
+
+def run_workers(job, job_dir: Path, jt: tracking.JobTracking) -> dict[str, tuple]:
+    """Run every trial of ``job`` in its own spawned process, all at once; return
+    ``trial_id -> (finished, error)``."""
+    context = multiprocessing.get_context("spawn")
+    trials = job.trials()
+    data = pickle.dumps(load_dataset(trials[0].data, "cpu"))
+    barrier = context.Barrier(len(trials))
+    results = context.Queue()
+    workers = [
+        context.Process(target=run_trial_worker, name=f"trial-{t.trial_id}", args=(
+            str(job_dir / "spec.yaml"), t.trial_id, str(job_dir), jt.uri,
+            jt.trial_runs[t.trial_id], data, barrier, results))
+        for t in trials
+    ]
+    for worker in workers:
+        worker.start()
+    outcome: dict[str, tuple] = {}
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    try:
+        while len(outcome) < len(workers) and time.monotonic() < deadline:
+            try:
+                trial_id, finished, error = results.get(timeout=1.0)
+            except queue.Empty:
+                if not any(worker.is_alive() for worker in workers):
+                    break  # a worker died without reporting: its trial is missing
+                continue
+            outcome[trial_id] = (finished, error)
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def concurrent_job(shared_server, tmp_path_factory):
+    """The driver flow of a distributed run: job directory and runs first, then 8 trials in
+    8 processes at the same time, then the job summary and the parent run closed."""
+    job = job_of("server-sweep", cs={"rounds": 2, "sweep": {"mask_init": MASK_INITS,
+                                                            "seed": SEEDS}})
+    job_dir = prepare_job_dir(job, tmp_path_factory.mktemp("storage"))
+    jt = tracking.setup_job_tracking(job, job_dir, shared_server.uri)
+    started = time.time()
+    outcome = run_workers(job, job_dir, jt)
+    summaries = [read_result(job_dir / "trials" / t.trial_id) for t in job.trials()]
+    if all(summaries):
+        write_json_atomic(job_dir / "summary.json",
+                          job_summary(job, summaries, time.time() - started))
+        tracking.finish_job_tracking(jt, job_dir)
+    return job, job_dir, jt, outcome
+
+
+def test_eight_concurrent_trials_each_finish_their_own_child_run(concurrent_job):
+    job, job_dir, jt, outcome = concurrent_job
+    assert len(job.trials()) == 8
+    assert outcome == {t.trial_id: (True, None) for t in job.trials()}
+    client = MlflowClient(jt.uri)
+    experiment = client.get_experiment_by_name("server-sweep")
+    assert experiment.experiment_id == jt.experiment_id
+    runs = client.search_runs([jt.experiment_id], max_results=100)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 9 and len(children) == 8
+    assert {r.info.run_id for r in children} == set(jt.trial_runs.values())
+    assert client.get_run(jt.parent_run_id).info.status == "FINISHED"
+    default = client.get_experiment_by_name("Default")
+    assert default is None or client.search_runs([default.experiment_id]) == []
+    names = {t.trial_id: t.name for t in job.trials()}
+    for trial_id, run_id in jt.trial_runs.items():
+        run = client.get_run(run_id)
+        assert run.data.tags["mlflow.parentRunId"] == jt.parent_run_id
+        assert run.data.tags["trial_id"] == trial_id
+        assert run.info.run_name == names[trial_id]
+        assert run.info.status == "FINISHED"
+        epochs = ledger_epochs(job_dir / "trials" / trial_id)
+        assert epochs == 9  # 2 search rounds + retraining, 3 epochs each
+        assert step_values(client, run_id, "train_loss") == list(range(epochs))
+        assert step_values(client, run_id, "test_acc") == list(range(epochs))
+        assert not (job_dir / "trials" / trial_id / tracking.PENDING_FILE).exists()
+
+
+def test_each_cs_ticket_downloads_from_the_server_unchanged(concurrent_job):
+    job, job_dir, jt, _ = concurrent_job
+    for trial_id, run_id in jt.trial_runs.items():
+        local_dir = job_dir / "trials" / trial_id / "tickets" / "final"
+        local_json = json.loads((local_dir / "ticket.json").read_text())
+        artifact = f"runs:/{run_id}/tickets/final"
+        ticket = ticketsearch.load_ticket(artifact, tracking_uri=jt.uri)
+        assert ticket.name == "final" and ticket.meta["trial_id"] == trial_id
+        downloaded = tracking.download_ticket(artifact, tracking_uri=jt.uri)
+        remote_json = json.loads((downloaded / "ticket.json").read_text())
+        assert remote_json["mask_sha256"] == local_json["mask_sha256"]
+        assert remote_json["state_sha256"] == local_json["state_sha256"]
+        local = ticketsearch.load_ticket(local_dir)
+        assert ticket.sparsity == local.sparsity
+
+
+# --------------------------------------------------------------- outages
+
+
+class OutageHooks(tracking.MlflowHooks):
+    """MLflow hooks whose server goes away mid-trial: after handling global step ``stop_at``
+    they stop ``server``; after handling step ``stop_at + 3`` they record the journal's
+    operations (what could not be sent meanwhile) and start the server again."""
+
+    def __init__(self, inner: TrialDirHooks, uri: str, run_id: str, server: MlflowServer,
+                 stop_at: int):
+        super().__init__(inner, uri, run_id)
+        self.server = server
+        self.stop_at = stop_at
+        self.journal_before_restart: list[dict] = []
+
+    def epoch_end(self, event) -> None:
+        super().epoch_end(event)
+        if event.step == self.stop_at:
+            self.server.stop()
+        elif event.step == self.stop_at + 3:
+            journal = self.logger.journal
+            lines = journal.read_text().splitlines() if journal.exists() else []
+            self.journal_before_restart = [json.loads(line) for line in lines]
+            self.server.start()
+
+
+def epoch_steps(ops: list[dict]) -> list[int]:
+    """The steps of the per-epoch metrics (``train_loss``) in journal operations."""
+    return [item["step"] for op in ops if op["op"] == "metrics" for item in op["items"]
+            if "train_loss" in item["values"]]
+
+
+def tracked_trial(job, storage: Path, uri: str):
+    """Job directory and runs of a one-trial job: (trial, trial_dir, JobTracking)."""
+    job_dir = prepare_job_dir(job, storage)
+    jt = tracking.setup_job_tracking(job, job_dir, uri)
+    (trial,) = job.trials()
+    return trial, job_dir / "trials" / trial.trial_id, jt
+
+
+def test_a_server_restarted_mid_trial_receives_every_epoch(own_server, tmp_path, digits,
+                                                           monkeypatch):
+    monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.0)
+    own_server.start()
+    trial, trial_dir, jt = tracked_trial(job_of("outage-mid", cs={"rounds": 2}),
+                                         tmp_path / "storage", own_server.uri)
+    run_id = jt.trial_runs[trial.trial_id]
+    hooks = OutageHooks(TrialDirHooks(trial_dir), jt.uri, run_id, own_server, stop_at=2)
+    result = run_trial(trial, digits, hooks)
+    assert not (trial_dir / tracking.PENDING_FILE).exists()  # replayed once the server was back
+    TrialDirHooks(trial_dir).write_result(result)
+    assert hooks.finish(result) is True
+    journaled = epoch_steps(hooks.journal_before_restart)
+    assert journaled and set(journaled) <= {2, 3, 4, 5}  # epochs trained while it was down
+    assert not (trial_dir / tracking.PENDING_FILE).exists()
+    client = MlflowClient(own_server.uri)
+    epochs = result.ledger.epochs()
+    assert epochs == 9
+    assert step_values(client, run_id, "train_loss") == list(range(epochs))
+    assert step_values(client, run_id, "test_acc") == list(range(epochs))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_trial_that_ends_while_the_server_is_down_is_sent_by_sync(shared_server, tmp_path,
+                                                                     digits, capsys):
+    trial, trial_dir, jt = tracked_trial(job_of("outage-end", cs={"rounds": 1}),
+                                         tmp_path / "storage", shared_server.uri)
+    run_id = jt.trial_runs[trial.trial_id]
+    shared_server.stop()
+    try:
+        hooks = tracking.MlflowHooks(TrialDirHooks(trial_dir), jt.uri, run_id)
+        result = run_trial(trial, digits, hooks)
+        TrialDirHooks(trial_dir).write_result(result)
+        assert hooks.finish(result) is False
+    finally:
+        shared_server.start()
+    journal = trial_dir / tracking.PENDING_FILE
+    ops = [json.loads(line)["op"] for line in journal.read_text().splitlines()]
+    assert ops[0] == "status" and ops[-1] == "terminate"
+    assert cli.main(["sync", str(trial_dir.parent.parent)]) == 0
+    assert "synced 1 trial journals" in capsys.readouterr().out
+    assert not journal.exists()
+    client = MlflowClient(shared_server.uri)
+    epochs = result.ledger.epochs()
+    assert epochs == 6
+    assert step_values(client, run_id, "train_loss") == list(range(epochs))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["has_ticket"] == "true"
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"tickets", "result.json"}
+
+
+def test_run_refuses_an_unreachable_server_before_writing_anything(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    spec = tiny_job_dict(cs={"rounds": 1})
+    spec["name"] = "unreachable"
+    spec["tracking"] = {"uri": uri}
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    storage = tmp_path / "storage"
+    started = time.monotonic()
+    code = cli.main(["run", str(spec_path), "--storage", str(storage)])
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2
+    assert elapsed < 10
+    assert uri in err and "unreachable" in err
+    assert not storage.exists() or list(storage.iterdir()) == []

@@ -1,0 +1,139 @@
+"""The MLflow UI started by ``ticketsearch ui`` shows a job's experiment and its runs, in a
+real headless browser (Playwright driving the system's Chromium).
+
+Needs the ``playwright`` Python package and a Chromium at ``/usr/bin/chromium`` (or at
+``$TICKETSEARCH_CHROMIUM``); skipped when either is missing. A full-page screenshot is saved
+to ``$TICKETSEARCH_TEST_ARTIFACTS/mlflow-ui.png`` (default ``test-artifacts/``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_job_dict
+from servers import free_port, server_env, start_process, stop_process_group, wait_for_health
+
+import ticketsearch
+from ticketsearch.local import run_job_locally
+from ticketsearch.spec import parse_job
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = os.environ.get("TICKETSEARCH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+INSTALL_HINT = ("install them with `pip install playwright` (part of `pip install -e .[dev]`) "
+                "and `apt-get install chromium` (Debian's package; `playwright install` is not "
+                "needed)")
+VIEWPORT = {"width": 1600, "height": 1000}
+RENDER_TIMEOUT_MS = 60_000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sync_playwright():
+    """Playwright's entry point; skips (before any job runs) naming how to install what is
+    missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip(f"the playwright package is not importable; {INSTALL_HINT}")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}; {INSTALL_HINT}")
+    return sync_playwright
+
+
+def artifacts_dir() -> Path:
+    folder = Path(os.environ.get("TICKETSEARCH_TEST_ARTIFACTS", "test-artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's header; AssertionError if it is not a PNG."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def ui_job(tmp_path_factory):
+    """A tiny dense + CS + IMP job run locally into a fresh storage folder (SQLite store)."""
+    storage = tmp_path_factory.mktemp("ui") / "runs"
+    data = tiny_job_dict(dense={}, cs={"rounds": 2}, imp={"rounds": 2})
+    data["name"] = "ui-job"
+    data["train"] |= {"epochs_per_round": 3, "lr_milestones": [2]}
+    job = parse_job(data)
+    with pytest.MonkeyPatch.context() as patch:  # the store under storage, whatever the env
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        summary = run_job_locally(job, storage=storage, echo=lambda _: None)
+    assert summary["tracking"]["uri"].startswith("sqlite:///")
+    return job, summary, storage
+
+
+@pytest.fixture(scope="module")
+def ui_url(ui_job, tmp_path_factory):
+    """``ticketsearch ui`` on the job's storage, on a free loopback port; stopped after."""
+    _, _, storage = ui_job
+    port = free_port()
+    env = server_env()
+    source_root = str(Path(ticketsearch.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
+    log = tmp_path_factory.mktemp("ui-log") / "ui.log"
+    process = start_process([sys.executable, "-m", "ticketsearch.cli", "ui", "--storage",
+                             str(storage), "--port", str(port)], log, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, process, log)
+        yield url
+    finally:
+        stop_process_group(process)
+
+
+def show_trial_runs(page, url: str, parent_name: str, trial_names: list[str]) -> str:
+    """Open the experiment's runs table, expand the job's parent run, wait until every trial
+    run's name has rendered; return the page's visible text."""
+    page.goto(url)
+    parent = page.locator('[role=gridcell][col-id*="Run Name"]', has_text=parent_name)
+    parent.wait_for()
+    parent.locator("button").first.click()  # the expander of the parent's child runs
+    for name in trial_names:
+        page.get_by_text(name, exact=True).first.wait_for()
+    close_assistant = page.get_by_role("button", name="Close", exact=True)
+    if close_assistant.count():  # MLflow 3's assistant side panel hides part of the table
+        close_assistant.first.click()
+    return page.inner_text("body")
+
+
+def test_the_mlflow_ui_shows_the_job_and_its_runs(sync_playwright, ui_job, ui_url):
+    job, summary, _ = ui_job
+    experiment_id = summary["tracking"]["experiment_id"]
+    parent_name = f"{job.name} {job.spec_hash()}"
+    trial_names = [t.name for t in job.trials()]
+    assert [t.method for t in job.trials()] == ["dense", "cs", "imp"]
+    screenshot = artifacts_dir() / "mlflow-ui.png"
+    screenshot.unlink(missing_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(RENDER_TIMEOUT_MS)
+            try:
+                text = show_trial_runs(page, f"{ui_url}/#/experiments/{experiment_id}/runs",
+                                       parent_name, trial_names)
+            finally:  # also when rendering failed: the screenshot shows how far it got
+                page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert job.name in text and parent_name in text
+    for name in trial_names:
+        assert name in text
+    assert "cs s0=0 λ=1e-08 β=200 seed=0" in text
+    assert screenshot.stat().st_size > 10_000
+    width, height = png_size(screenshot)
+    assert width == VIEWPORT["width"] and height >= VIEWPORT["height"]
