@@ -52,6 +52,28 @@ def test_sweep_of_four_cs_settings_and_an_imp_chain(ray_local, tmp_path):
     for trial in summary["trials"]:
         assert trial["ledger"]["recomputed_epochs"] == 0
         assert trial["ledger"]["attempts"] == 1
+    # the same spec again is the same job: nothing is trained twice
+    lines = []
+    again = run_job_on_ray(job, storage=tmp_path, echo=lines.append, track=False)
+    assert again["trials"] == summary["trials"]
+    assert not any("resuming" in line for line in lines)  # no Tune run was even needed
+
+
+def test_progress_table_shows_running_trials_and_finished_count():
+    from ticketsearch.cluster import ProgressPrinter
+
+    lines = []
+    printer = ProgressPrinter({"a": "cs s0=0", "b": "imp global"}, lines.append, every_s=0)
+    printer.result("a", {"step": 12, "epochs_planned": 510, "phase": "search", "round": 0,
+                         "sparsity": 0.5, "test_acc": 0.9})
+    printer.result("b", {"step": 2635, "epochs_planned": 2635, "phase": "done"})
+    table = lines[-1]
+    assert "1/2 trials finished" in table
+    assert "cs s0=0" in table and "12/510" in table and "0.9000" in table
+    rows = table.splitlines()[2:]
+    assert len(rows) == 1 and "imp global" not in rows[0]
+    printer.complete("b", {"step": 2635, "tickets": 30, "wall_clock_s": 40.0})
+    assert lines[-1] == "imp global: finished, 2635 epochs, 30 tickets, 40.0s"
 
 
 def test_quarter_gpu_trials_run_concurrently_on_one_logical_gpu(ray_local, tmp_path):

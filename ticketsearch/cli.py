@@ -227,7 +227,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_ticket(args) -> int:
-    from .tickets import load_ticket
+    from . import load_ticket
 
     ticket = load_ticket(args.path)
     info = {"name": ticket.name, "sparsity": ticket.sparsity, **ticket.meta,
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     ticket = sub.add_parser("ticket", help="show a ticket's metadata (verifies checksums)")
-    ticket.add_argument("path", help="ticket directory")
+    ticket.add_argument("path", help="ticket directory, or runs:/<run id>/tickets/<name>")
     ticket.set_defaults(func=cmd_ticket)
 
     bench = sub.add_parser("bench", help="benchmarks")
