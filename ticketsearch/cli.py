@@ -40,7 +40,7 @@ def _add_spec_args(parser: argparse.ArgumentParser) -> None:
 def cmd_resume(args) -> int:
     """Resume a job from its directory (``<storage>/<job>-<hash>``), by id or path."""
     from .cluster import run_job_on_ray
-    from .report import format_summary
+    from .summary import format_summary
     from .spec import load_job
 
     folder = Path(args.job_id)
@@ -82,7 +82,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .report import format_summary
+    from .summary import format_summary
     from .spec import load_job
 
     job = load_job(args.job, args.overrides)

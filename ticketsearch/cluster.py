@@ -23,7 +23,7 @@ import torch
 from .jobdir import TrialDirHooks, read_result, write_json_atomic
 from .local import prepare_job_dir
 from .methods import EpochEvent, RoundEvent, planned_epochs, run_trial
-from .report import job_summary
+from .summary import job_summary
 from .spec import JobSpec, parse_job
 
 CHECKPOINT_FILE = "checkpoint.pt"

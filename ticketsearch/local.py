@@ -14,7 +14,7 @@ from typing import Any
 from .data import load_dataset
 from .jobdir import TrialDirHooks, job_dir, read_result, write_json_atomic
 from .methods import EpochEvent, RoundEvent, run_trial
-from .report import job_summary
+from .summary import job_summary
 from .spec import JobSpec, dump_job
 from .training import resolve_device
 

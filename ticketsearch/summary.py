@@ -14,10 +14,9 @@ def _cost(trials: list[dict[str, Any]], phase: str) -> dict[str, int]:
 def job_summary(job, trials: list[dict[str, Any]], makespan_s: float) -> dict[str, Any]:
     """Per-method tickets and costs from the trials' ledgers (epochs trained, not configured)."""
     methods: dict[str, Any] = {}
-    for method in ("dense", "cs", "imp"):
+    order = {"dense": 0, "cs": 1, "imp": 2}
+    for method in sorted({t["method"] for t in trials}, key=lambda m: (order.get(m, 9), m)):
         mine = [t for t in trials if t["method"] == method]
-        if not mine:
-            continue
         wall = [t["ledger"]["wall_clock_s"] for t in mine]
         methods[method] = {
             "trials": len(mine),
