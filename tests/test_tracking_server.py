@@ -24,8 +24,8 @@ from ticketsearch.data import load_dataset
 from ticketsearch.jobdir import TrialDirHooks, read_result, write_json_atomic
 from ticketsearch.local import prepare_job_dir
 from ticketsearch.methods import run_trial
-from ticketsearch.summary import job_summary
 from ticketsearch.spec import parse_job
+from ticketsearch.summary import job_summary
 
 pytestmark = pytest.mark.integration
 

@@ -20,13 +20,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import DatasetError
     from .methods import CheckpointError
     from .models import ModelError
+    from .report import ReportError
     from .sparsity.ticketfile import TicketFormatError
     from .spec import SpecError
     from .submit import SubmitError
     from .tracking import TrackingError
 
     return (SpecError, DatasetError, ModelError, TicketFormatError, CheckpointError,
-            TrackingError, ClusterError, SubmitError, FileNotFoundError)
+            TrackingError, ClusterError, SubmitError, ReportError, FileNotFoundError)
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -37,20 +38,49 @@ def _add_spec_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _job_dir_arg(job: str, storage: str) -> Path:
+    folder = Path(job)
+    if not folder.is_dir():
+        folder = Path(storage) / job
+    if not (folder / "spec.yaml").exists():
+        raise FileNotFoundError(f"{folder / 'spec.yaml'} not found: pass a job id from "
+                                f"{storage} (a folder <job>-<hash>) or a job directory's path")
+    return folder
+
+
+def cmd_report(args) -> int:
+    from .report import build_report, format_table, record_from_mlflow, report_job, write_report
+
+    if args.job:
+        job_dir = _job_dir_arg(args.job, args.storage)
+        out = Path(args.out) if args.out else job_dir / "report"
+        report = report_job(job_dir, out, args.tolerance, log=not args.no_log)
+    else:
+        if not (args.experiment or args.run):
+            raise FileNotFoundError("say which job: a job id / directory, --experiment NAME "
+                                    "or --run PARENT_RUN_ID")
+        uri = _store_uri(args)
+        record = record_from_mlflow(uri, args.run, args.experiment)
+        report = build_report(record, args.tolerance)
+        out = Path(args.out or f"report-{record.name}")
+        write_report(report, out)
+        if not args.no_log:
+            from .tracking import _client
+
+            _client(uri).log_artifacts(record.parent_run_id, str(out), "report")
+    print(format_table(report))
+    print(f"report written to {out}")
+    return 0
+
+
 def cmd_resume(args) -> int:
     """Resume a job from its directory (``<storage>/<job>-<hash>``), by id or path."""
     from .cluster import run_job_on_ray
-    from .summary import format_summary
     from .spec import load_job
+    from .summary import format_summary
 
-    folder = Path(args.job_id)
-    if not folder.is_dir():
-        folder = Path(args.storage) / args.job_id
-    spec = folder / "spec.yaml"
-    if not spec.exists():
-        raise FileNotFoundError(f"{spec} not found: pass a job id from {args.storage} "
-                                "(a folder <job>-<hash>) or the job directory's path")
-    job = load_job(spec)
+    folder = _job_dir_arg(args.job_id, args.storage)
+    job = load_job(folder / "spec.yaml")
     summary = run_job_on_ray(job, storage=folder.parent, address=args.address,
                              track=not args.no_tracking)
     print(format_summary(summary))
@@ -82,8 +112,8 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .summary import format_summary
     from .spec import load_job
+    from .summary import format_summary
 
     job = load_job(args.job, args.overrides)
     if args.in_process:
@@ -326,6 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="send a job's metrics that the tracking server missed")
     sync.add_argument("job_dir", help="the job directory (<storage>/<job>-<hash>)")
     sync.set_defaults(func=cmd_sync)
+
+    report = sub.add_parser("report", help="the cost report of a job, built from MLflow")
+    report.add_argument("job", nargs="?", help="job id (<job>-<hash>) or job directory")
+    store_args(report)
+    report.add_argument("--experiment", help="report the latest job of this experiment")
+    report.add_argument("--run", help="report the job of this parent run id")
+    report.add_argument("--out", help="output folder (default: <job dir>/report)")
+    report.add_argument("--tolerance", type=float, default=0.01,
+                        help="a ticket matches when test acc >= dense - tolerance (0.01)")
+    report.add_argument("--no-log", action="store_true",
+                        help="do not attach the report to the job's parent run")
+    report.set_defaults(func=cmd_report)
 
     resume = sub.add_parser("resume", help="finish what is unfinished of a job")
     resume.add_argument("job_id", help="job id (<job>-<hash>) or job directory")

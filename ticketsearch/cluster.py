@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from .jobdir import TrialDirHooks, read_result, write_json_atomic
-from .local import prepare_job_dir
+from .local import make_report, prepare_job_dir
 from .methods import EpochEvent, RoundEvent, planned_epochs, run_trial
-from .summary import job_summary
 from .spec import JobSpec, parse_job
+from .summary import job_summary
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_EVERY_S = 10.0
@@ -312,6 +312,7 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
     if tracking is not None:
         _close_tracking(tracking, root, "FAILED" if failed else "FINISHED", echo)
     summary["job_dir"] = str(root)
+    summary["report"] = make_report(root, echo) if not failed else None
     if failed:
         raise ClusterError(f"{len(failed)} trial(s) failed after retries: {', '.join(failed)}; "
                            f"see {root / 'ray'}; re-run the same command to resume")
@@ -319,13 +320,14 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
 
 
 def orchestration_costs(summary: dict[str, Any], startup_s: float) -> dict[str, float]:
-    """Makespan vs the trials' own wall-clock: what running them through Ray cost."""
+    """This driver session's wall-clock vs the trials' own: what running them through Ray
+    cost (trial process start-up, scheduling, reporting), Ray's own start-up apart."""
     walls = [t["ledger"]["wall_clock_s"] for t in summary["trials"]]
     critical = max(walls, default=0.0)
-    makespan = summary["makespan_s"]
+    makespan = summary["driver_wall_s"]
     return {
         "ray_startup_s": round(startup_s, 3),
-        "makespan_s": round(makespan, 3),
+        "driver_wall_s": round(makespan, 3),
         "trial_wall_clock_sum_s": round(sum(walls), 3),
         "critical_path_trial_s": round(critical, 3),
         "overhead_s": round(makespan - critical, 3),

@@ -14,8 +14,8 @@ from typing import Any
 from .data import load_dataset
 from .jobdir import TrialDirHooks, job_dir, read_result, write_json_atomic
 from .methods import EpochEvent, RoundEvent, run_trial
-from .summary import job_summary
 from .spec import JobSpec, dump_job
+from .summary import job_summary
 from .training import resolve_device
 
 
@@ -41,6 +41,22 @@ def round_printer(echo: Callable[[str], None]) -> Callable[[Any], None]:
             return
 
     return progress
+
+
+def make_report(root: Path, echo: Callable[[str], None]) -> dict[str, Any] | None:
+    """Write the job's report (from MLflow when tracked) and print its table; a failure here
+    never loses the job's results, which are on disk."""
+    from .report import format_table, report_job
+
+    try:
+        report = report_job(root)
+    except Exception as err:
+        echo(f"could not build the report ({type(err).__name__}: {err}); run "
+             f"`ticketsearch report {root}` later")
+        return None
+    echo(format_table(report))
+    echo(f"report: {root / 'report' / 'report.md'}")
+    return report
 
 
 def run_job_locally(job: JobSpec, storage: str | Path | None = None,
@@ -103,4 +119,5 @@ def run_job_locally(job: JobSpec, storage: str | Path | None = None,
             echo(f"could not close the parent run ({type(err).__name__}); "
                  f"run `ticketsearch sync {root}` once the tracking server is back")
     summary["job_dir"] = str(root)
+    summary["report"] = make_report(root, echo)
     return summary
