@@ -3,11 +3,8 @@
 The address/token/storage rules are checked in-process. The integration tests start a real
 two-node Ray cluster on 127.0.0.1 with token authentication on (a fresh token made with
 ``ray get-auth-token --generate``, as a user would), submit a tiny CS sweep through the
-command line and check what lands in the storage folder.
-
-The cluster is stopped by killing exactly its own processes (those whose command line names
-its private temp dir, and their descendants): ``ray stop`` would stop every Ray process on
-the machine, including other sessions' clusters.
+command line and check what lands in the storage folder. The cluster comes from
+``raycluster.ray_cluster`` (shared with tests/test_deploy.py).
 """
 
 from __future__ import annotations
@@ -15,17 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from raycluster import ENV_NAMES, HOST, ray_cluster, run_cli
+from servers import free_port
 
 from ticketsearch.spec import SpecError, load_job
 from ticketsearch.submit import (
@@ -43,14 +34,7 @@ from ticketsearch.submit import (
     wait_for_job,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-RAY = VENV_BIN / "ray"
-HOST = "127.0.0.1"
-START_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 120.0
-ENV_NAMES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-             "RAY_AUTH_MODE")
 
 JOB_YAML = """\
 name: submit-smoke
@@ -84,13 +68,6 @@ def job_file(tmp_path) -> Path:
     path = tmp_path / "job.yaml"
     path.write_text(JOB_YAML)
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (at the time of the call)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- address, token
@@ -149,7 +126,8 @@ def test_submission_id_entrypoint_and_storage_rules(job_file):
     assert build_entrypoint("/shared/my runs", ["--no-tracking"]) == \
         "python -m ticketsearch.cli run job.yaml --storage '/shared/my runs' --no-tracking"
     check_storage(job, "/shared/runs")
-    check_storage(job, "s3://bucket/runs")
+    with pytest.raises(SubmitError, match=r"--storage='s3://bucket/runs' is a URI.*buckets"):
+        check_storage(job, "s3://bucket/runs")
     with pytest.raises(SubmitError, match=r"storage.path='./ticketsearch-runs' is relative.*"
                                           r"pass --storage /absolute/path"):
         check_storage(job, None)
@@ -163,14 +141,6 @@ def test_invalid_spec_fails_before_anything_is_sent(clean_env, job_file):
         submit_job(job_file, closed, ["train.epochs_per_round=0"], storage="/tmp/x")
     with pytest.raises(SubmitError, match=r"storage.path='./ticketsearch-runs' is relative"):
         submit_job(job_file, closed)
-
-
-def run_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 60.0):
-    """The real ``ticketsearch`` command in a subprocess (what a user runs)."""
-    base = dict(os.environ if env is None else env)
-    base["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "ticketsearch.cli", *argv], env=base,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_closed_port_exits_2_naming_the_address(job_file, tmp_path):
@@ -189,154 +159,11 @@ def test_closed_port_exits_2_naming_the_address(job_file, tmp_path):
 # --------------------------------------------------------------------------- a real cluster
 
 
-@dataclass
-class Cluster:
-    address: str            # the Job API (dashboard) URL
-    env: dict[str, str]     # a client environment that holds the token
-    token_path: Path
-    root: Path              # private folder: Ray temp dir, token, storage
-
-
-def _pids_with_ppid() -> dict[int, int]:
-    """pid -> parent pid of every process on the machine."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def _cwd(pid: int) -> str:
-    try:
-        return os.readlink(Path("/proc") / str(pid) / "cwd")
-    except OSError:
-        return ""
-
-
-def cluster_pids(marker: str) -> set[int]:
-    """Processes whose command line or working directory contains ``marker`` (the cluster's
-    private temp dir), with all their descendants (workers, job drivers). The working
-    directory catches a job's entrypoint that outlived its supervisor (re-parented to init)."""
-    parents = _pids_with_ppid()
-    found = {pid for pid in parents if marker in _cmdline(pid) or marker in _cwd(pid)}
-    found.discard(os.getpid())
-    grew = True
-    while grew:
-        children = {pid for pid, ppid in parents.items() if ppid in found} - found
-        found |= children
-        grew = bool(children)
-    return found
-
-
-def _signal_all(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop_cluster(marker: str, timeout: float = 5.0) -> None:
-    """SIGTERM then SIGKILL this cluster's processes, until none is left (checked)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
-        pids = cluster_pids(marker)
-        if not pids:
-            return
-        _signal_all(pids, sig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and cluster_pids(marker):
-            time.sleep(0.2)
-    left = {pid: _cmdline(pid)[:120] for pid in cluster_pids(marker)}
-    assert not left, f"Ray processes survived the cluster's shutdown: {left}"
-
-
-def _ray(args: list[str], env: dict[str, str], cwd: Path) -> None:
-    done = subprocess.run([str(RAY), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=START_TIMEOUT_S)
-    if done.returncode != 0:
-        raise RuntimeError(f"`ray {' '.join(args)}` failed ({done.returncode}):\n"
-                           f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
-
-def make_token(root: Path, env: dict[str, str]) -> Path:
-    """What a user does on the head: ``ray get-auth-token --generate`` (writes
-    ~/.ray/auth_token; here HOME is a private folder)."""
-    home = root / "home"
-    home.mkdir()
-    done = subprocess.run([str(RAY), "get-auth-token", "--generate"], env={**env, "HOME": str(home)},
-                          capture_output=True, text=True, timeout=START_TIMEOUT_S)
-    token_path = home / ".ray" / "auth_token"
-    assert done.returncode == 0 and token_path.exists(), done.stderr
-    assert done.stdout.strip() == token_path.read_text().strip()
-    return token_path
-
-
-def wait_for_job_api(address: str, env: dict[str, str]) -> None:
-    """Until the dashboard answers /api/version with the token (and not without it)."""
-    import requests
-
-    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            answer = requests.get(f"{address}/api/version", timeout=2,
-                                  headers={"Authorization": f"Bearer {token}"})
-            if answer.status_code == 200:
-                assert requests.get(f"{address}/api/version", timeout=2).status_code == 401
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the Ray job API at {address} did not answer in {START_TIMEOUT_S:.0f}s")
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """A head (dashboard on) and a worker node, 1 CPU each, on 127.0.0.1, token auth on.
-
-    Everything lives under one private folder; its path is how the finalizer finds the
-    cluster's processes."""
-    root = Path(tempfile.mkdtemp(prefix="tsr-", dir="/tmp"))  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES + ("PYTHONPATH",)}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["OMP_NUM_THREADS"] = "1"
-    try:
-        token_path = make_token(root, env)
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
-        gcs_port, dashboard_port = free_port(), free_port()
-        common = ["--node-ip-address", HOST, "--num-cpus", "1", "--num-gpus", "0",
-                  "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
-        # One temp dir per node, as on separate machines: nodes sharing one would share the
-        # runtime_resources folder, and one node's unpacking of the job's working_dir
-        # replaces the folder the other node's driver runs in.
-        _ray(["start", "--head", "--port", str(gcs_port), "--dashboard-host", HOST,
-              "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-              "--ray-client-server-port", str(free_port()), "--temp-dir", str(root / "head"),
-              "--dashboard-agent-listen-port", str(free_port()), *common], env, root)
-        _ray(["start", "--address", f"{HOST}:{gcs_port}", "--temp-dir", str(root / "node"),
-              "--dashboard-agent-listen-port", str(free_port()), *common], env, root)
-        raylets = [pid for pid in cluster_pids(str(root)) if "raylet/raylet" in _cmdline(pid)]
-        assert len(raylets) == 2, "expected a head and a worker raylet"
-        address = f"http://{HOST}:{dashboard_port}"
-        wait_for_job_api(address, env)
-        yield Cluster(address=address, env=env, token_path=token_path, root=root)
-    finally:
-        stop_cluster(str(root))
-        shutil.rmtree(root, ignore_errors=True)
+    """A head (dashboard on) and a worker node, 1 CPU each, on 127.0.0.1, token auth on."""
+    with ray_cluster() as running:
+        yield running
 
 
 @pytest.mark.integration

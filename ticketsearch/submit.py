@@ -198,12 +198,18 @@ def build_entrypoint(storage: str | None = None, extra_args: Sequence[str] = ())
 
 
 def check_storage(job: JobSpec, storage: str | None) -> None:
-    """Refuse a relative storage path: on the cluster it would resolve inside the job's
-    temporary working directory, which Ray deletes."""
+    """Refuse storage the cluster cannot use: a bucket URI (the job directory must be a
+    filesystem path) or a relative path (it would resolve inside the job's temporary working
+    directory, which Ray deletes)."""
     path = storage if storage is not None else job.storage.path
-    if "://" in path or Path(path).is_absolute():
-        return
     field = "--storage" if storage is not None else "storage.path"
+    if "://" in path:
+        raise SubmitError(
+            f"{field}={path!r} is a URI: the job directory must be a filesystem path every node "
+            "sees at the same place (e.g. an NFS/EFS/Filestore mount); buckets are not "
+            "supported as job storage")
+    if Path(path).is_absolute():
+        return
     raise SubmitError(
         f"{field}={path!r} is relative: on the cluster it would resolve inside the job's "
         "temporary working directory; pass --storage /absolute/path (a folder every node "
