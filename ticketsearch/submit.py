@@ -145,8 +145,8 @@ class _Api:
 
         try:
             return fn()
-        except AuthenticationError as err:
-            raise SubmitError(self._auth_message(err)) from None
+        except AuthenticationError:
+            raise SubmitError(self._auth_message()) from None
         except (ConnectionError, requests.RequestException) as err:
             raise SubmitError(
                 f"cannot reach the Ray job API at {self.url} ({action}: {_first_line(err)}); "
@@ -161,9 +161,10 @@ class _Api:
             raise SubmitError(f"the Ray job API at {self.url} refused to {action}: "
                               f"{_first_line(err)}") from None
 
-    def _auth_message(self, err: Exception) -> str:
-        refused = "rejected" if "403" in str(err) or "Forbidden" in str(err) else "requires"
-        what = "the token" if refused == "rejected" else "a token"
+    def _auth_message(self) -> str:
+        # Which one is decided by what was sent, not by parsing the error text (a port number
+        # such as 47903 contains "403").
+        refused, what = ("rejected", "the token") if self.token else ("requires", "a token")
         return (f"the Ray cluster at {self.url} {refused} {what} (token sent: "
                 f"{self.token_source}); copy the head's token (`ray get-auth-token` on the head "
                 f"prints it) and set {TOKEN_ENV_VAR}=<token> or {TOKEN_PATH_ENV_VAR}=<file>, "
