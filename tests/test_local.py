@@ -162,7 +162,7 @@ def test_job_directory_holds_spec_summary_and_results(job_run):
     assert summary["job_dir"] == str(root)
     assert (root / "spec.yaml").is_file()
     on_disk = json.loads((root / "summary.json").read_text())
-    assert on_disk == {k: v for k, v in summary.items() if k != "job_dir"}
+    assert on_disk == {k: v for k, v in summary.items() if k not in ("job_dir", "report")}
     for trial in job.trials():
         trial_dir = root / "trials" / trial.trial_id
         assert (trial_dir / "result.json").is_file()

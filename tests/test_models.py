@@ -127,7 +127,7 @@ def test_bad_input_shape_and_num_classes() -> None:
 
 def test_unexpected_kwarg_rejected_but_mlp_hidden_accepted_everywhere() -> None:
     with pytest.raises(
-        ModelError, match="unexpected keyword argument.*depth.*accepted: mlp_hidden"
+        ModelError, match="unexpected keyword argument.*depth.*accepted: activation, mlp_hidden"
     ):
         create_model("resnet20", 10, CIFAR, depth=32)
     model = create_model("vgg16", 10, CIFAR, mlp_hidden=(8, 4))

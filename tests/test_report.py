@@ -141,3 +141,17 @@ def test_paper_presets_run_cut_down_on_synthetic_data(preset, tmp_path):
     assert summary["methods"]["imp"]["search_epochs"]["critical_path"] == 2
     assert len(summary["methods"]["imp"]["tickets"]) == 2
     assert summary["report"] is not None
+
+
+def test_recipe_comparison_lists_each_recipe_against_the_primary():
+    from ticketsearch.report import recipe_comparison
+
+    ticket = {"name": "final", "sparsity": 0.8, "recipe": "vanilla",
+              "recipes": {"vanilla": {"val_acc": 0.9, "test_acc": 0.90},
+                          "mixup": {"val_acc": 0.91, "test_acc": 0.93}}}
+    single = {"name": "round-01", "sparsity": 0.2, "recipe": "vanilla",
+              "recipes": {"vanilla": {"val_acc": 0.9, "test_acc": 0.9}}}
+    rows = recipe_comparison([{"method": "cs", "trial_id": "t", "tickets": [ticket, single]}])
+    assert [(r["recipe"], r["primary"]) for r in rows] == [("mixup", False), ("vanilla", True)]
+    assert rows[0]["test_acc_delta"] == pytest.approx(0.03)
+    assert rows[1]["test_acc_delta"] == 0.0

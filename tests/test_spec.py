@@ -227,7 +227,7 @@ def test_bad_name_characters_and_length() -> None:
 
 
 def test_no_methods() -> None:
-    expected = ["methods: enable at least one of dense, cs, imp (e.g. 'cs: {}')"]
+    expected = ["methods: enable at least one of dense, cs, imp, rigl (e.g. 'cs: {}')"]
     assert problems_of({"name": "job", "methods": {}}) == expected
     assert problems_of({"name": "job", "methods": {"cs": None}}) == expected
     assert problems_of({"name": "job"}) == ["methods: required key is missing"]

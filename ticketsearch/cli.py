@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     tickets = sub.add_parser("tickets", help="list tickets logged to MLflow")
     store_args(tickets)
     tickets.add_argument("--job", help="only this job (experiment name)")
-    tickets.add_argument("--method", choices=["cs", "imp"], help="only this method")
+    tickets.add_argument("--method", choices=["cs", "imp", "rigl"], help="only this method")
     tickets.add_argument("--min-sparsity", type=float, default=0.0)
     tickets.add_argument("--json", action="store_true")
     tickets.set_defaults(func=cmd_tickets)

@@ -1,4 +1,5 @@
-"""Method runners: a dense baseline, a CS ticket search, an IMP chain, ticket retraining.
+"""Method runners: a dense baseline, a CS ticket search, an IMP chain, a RigL run, ticket
+retraining.
 
 Each runner is a function of a ``TrialSpec``, a loaded dataset and a ``Hooks`` object (the
 small reporter/checkpoint interface that the Ray and MLflow adapters implement). Runners are
@@ -9,6 +10,16 @@ Resumption: a runner saves its whole state through ``hooks.save_checkpoint`` eve
 ``hooks.load_checkpoint()`` when that returns a state. A resumed run continues exactly where
 the checkpoint left off; epochs trained after the checkpoint and lost are retrained once and
 counted once, and reported in ``ledger.recomputed_epochs``.
+
+Ticket retraining runs every pending ticket under every recipe of ``retrain.recipes`` (stage
+``retrain``, one round per (ticket, recipe), ticket-major). The ticket's ``val_acc`` /
+``test_acc`` / ``retrain_epochs`` are its first recipe's (named in ``meta["recipe"]``);
+``meta["recipes"]`` holds every recipe's ``{val_acc, test_acc, retrain_epochs, settings}`` by
+recipe name (JSON files sort its keys; the recipes' order is the spec's ``retrain.recipes``).
+
+A RigL run (stage and ledger phase ``train``) trains one sparse network from step 0 and yields
+it as a ticket whose rewind state is the initial weights (``rewind_epoch`` 0); it is not
+retrained.
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ import torch
 from torch import nn
 
 from .models import create_model, masked_layer_names, model_info
-from .sparsity import cs, imp
+from .recipes import make_batch_loss, warmup_factor
+from .sparsity import cs, imp, rigl
 from .sparsity.masks import (
     add_binary_masks,
     add_soft_masks,
@@ -86,6 +98,7 @@ class EpochEvent:
     test_acc: float | None
     sparsity: float
     seconds: float
+    recipe: str | None = None  # retraining recipe (retrain phase only)
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics of this epoch (None values left out)."""
@@ -107,6 +120,7 @@ class RoundEvent:
     sparsity: float
     val_acc: float | None
     test_acc: float | None
+    recipe: str | None = None  # retraining recipe (retrain phase only)
 
 
 class Hooks:
@@ -143,15 +157,25 @@ class TrialResult:
     final: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able summary: tickets (no tensors), rounds, final metrics, ledger totals."""
+        """JSON-able summary: tickets (no tensors; with their per-recipe retraining results
+        under ``recipes`` when retrained), rounds, final metrics, ledger totals."""
         return {
             "trial_id": self.trial_id,
             "method": self.method,
-            "tickets": [t.summary() for t in self.tickets],
+            "tickets": [_ticket_summary(t) for t in self.tickets],
             "rounds": self.rounds,
             "final": self.final,
             "ledger": self.ledger.summary(),
         }
+
+
+def _ticket_summary(ticket: Ticket) -> dict[str, Any]:
+    """``Ticket.summary()`` plus the per-recipe results and the primary recipe, if any."""
+    summary = ticket.summary()
+    for key in ("recipe", "recipes"):
+        if key in ticket.meta:
+            summary[key] = ticket.meta[key]
+    return summary
 
 
 class _TrialRun(abc.ABC):
@@ -182,22 +206,37 @@ class _TrialRun(abc.ABC):
     def first_stage(self) -> str:
         return "search"
 
-    def new_model(self) -> nn.Module:
+    def new_model(self, activation: str = "relu") -> nn.Module:
         """A freshly initialised, unmasked model (seeded by the trial seed)."""
         torch.manual_seed(self.trial.seed)
         model = create_model(
             self.trial.model.name, self.data.num_classes, tuple(self.data.input_shape),
-            mlp_hidden=tuple(self.trial.model.mlp_hidden),
+            mlp_hidden=tuple(self.trial.model.mlp_hidden), activation=activation,
         )
         return model.to(self.device)
 
     def model_for_stage(self) -> nn.Module:
         """The (masked) model structure for the current stage, before state is loaded."""
         if self.stage == "retrain":
-            model = self.new_model()
-            add_binary_masks(model, self.pending[self.round].masks)
+            index, recipe = self.retrain_position()
+            model = self.new_model(recipe.activation)
+            add_binary_masks(model, self.pending[index].masks)
             return model
         return self.new_model()
+
+    # --- retraining recipes ---------------------------------------------------------------
+    def recipes(self) -> list:
+        """The retraining recipes of the job, in order (the first is the primary one)."""
+        return list(self.trial.retrain.recipes)
+
+    def retrain_position(self) -> tuple[int, Any]:
+        """(pending ticket index, recipe) of the current retraining round."""
+        recipes = self.recipes()
+        return self.round // len(recipes), recipes[self.round % len(recipes)]
+
+    def current_recipe(self):
+        """The recipe being retrained under, or None outside the retrain stage."""
+        return self.retrain_position()[1] if self.stage == "retrain" else None
 
     def start_stage_model(self) -> None:
         """Fresh model and optimizer for the current stage (not resuming)."""
@@ -222,6 +261,25 @@ class _TrialRun(abc.ABC):
     def on_step(self):
         return None
 
+    def after_backward(self):
+        return None
+
+    def batch_loss(self):
+        """The current recipe's batch loss for the coming epoch (None = cross-entropy).
+        Called once per epoch, after the epoch's batches were drawn."""
+        recipe = self.current_recipe()
+        if recipe is None:
+            return None
+        batches = self.data.num_train_batches(self.train.batch_size)
+        return make_batch_loss(recipe, self.data.num_classes, batches, self.generator)
+
+    def lr_for(self, epoch: int, epochs: int) -> float:
+        """LR of ``epoch`` of the current round: the step schedule, times the current
+        recipe's warm-up factor when retraining."""
+        lr = lr_for_epoch(epoch, self.train, epochs)
+        recipe = self.current_recipe()
+        return lr if recipe is None else lr * warmup_factor(epoch, recipe.warmup_epochs)
+
     def beta(self) -> float:
         return 1.0
 
@@ -243,20 +301,22 @@ class _TrialRun(abc.ABC):
         while self.epoch < epochs:
             epoch = self.epoch
             self.before_epoch(epoch)
-            lr = lr_for_epoch(epoch, self.train, epochs)
+            lr = self.lr_for(epoch, epochs)
             set_lr(self.optimizer, lr)
             batches = self.data.train_batches(self.train.batch_size, self.generator)
             stats = train_epoch(self.model, batches, self.optimizer, self.extra_loss(),
-                                self.on_step())
+                                self.on_step(), self.after_backward(), self.batch_loss())
             last = epoch == epochs - 1
             start = time.perf_counter()
             val = test = None
             if last or (epoch + 1) % self.train.eval_every == 0:
                 val, test = self.evaluate_now()
+            recipe = self.current_recipe()
             event = EpochEvent(
                 self.trial.trial_id, self.method, self.stage, self.round, epoch,
                 self.ledger.epochs(), lr, self.beta(), stats.train_loss,
                 val, test, self.sparsity(), stats.seconds,
+                None if recipe is None else recipe.name,
             )
             self.ledger.record(self.stage, self.round, epoch, stats.seconds,
                                time.perf_counter() - start)
@@ -271,6 +331,9 @@ class _TrialRun(abc.ABC):
         """Record the round just trained and tell the hooks."""
         record = {"phase": self.stage, "round": self.round, "epochs": self.epochs_in_stage(),
                   "sparsity": self.sparsity(), "val_acc": val, "test_acc": test}
+        recipe = self.current_recipe()
+        if recipe is not None:
+            record["recipe"] = recipe.name
         self.rounds.append(record)
         self.hooks.round_end(RoundEvent(self.trial.trial_id, self.method, **record))
 
@@ -313,17 +376,22 @@ class _TrialRun(abc.ABC):
         self.hooks.ticket_found(ticket)
 
     def retrain_pending(self) -> None:
-        """Retrain every pending ticket from the rewind point with its mask fixed."""
-        while self.stage == "retrain" and self.round < len(self.pending):
-            epochs_before = self.ledger.epochs("retrain")
+        """Retrain every pending ticket under every recipe, from the rewind point with its mask
+        fixed; emit each ticket once its last recipe is done."""
+        per_ticket = len(self.recipes())
+        runs = len(self.pending) * per_ticket
+        while self.stage == "retrain" and self.round < runs:
             val, test = self.fit()
             self.end_round(val, test)
-            ticket = self.pending[self.round]
-            ticket.meta.update(val_acc=val, test_acc=test,
-                               retrain_epochs=self.ledger.epochs("retrain") - epochs_before)
-            self.emit(ticket)
+            index, recipe = self.retrain_position()
+            ticket = self.pending[index]
+            epochs = self.ledger.epochs("retrain", self.round)
+            record_recipe_result(ticket, recipe, val, test, epochs,
+                                 primary=self.round % per_ticket == 0)
+            if self.round % per_ticket == per_ticket - 1:
+                self.emit(ticket)
             nxt = self.round + 1
-            self.advance("retrain" if nxt < len(self.pending) else "done", nxt)
+            self.advance("retrain" if nxt < runs else "done", nxt)
 
     def start_retraining(self) -> None:
         """After the search: retrain pending tickets, or emit them as found if disabled."""
@@ -409,6 +477,17 @@ class _TrialRun(abc.ABC):
     @abc.abstractmethod
     def stages(self) -> None:
         """Run the method's stages from the current (possibly resumed) position."""
+
+
+def record_recipe_result(ticket: Ticket, recipe, val, test, epochs: int, primary: bool) -> None:
+    """Store one recipe's retraining result in ``ticket.meta["recipes"][recipe.name]``; the
+    primary (first) recipe's accuracy and epochs are also the ticket's own."""
+    results = dict(ticket.meta.get("recipes") or {})
+    results[recipe.name] = {"val_acc": val, "test_acc": test, "retrain_epochs": epochs,
+                            "settings": recipe.tweaks()}
+    ticket.meta["recipes"] = results
+    if primary:
+        ticket.meta.update(val_acc=val, test_acc=test, retrain_epochs=epochs, recipe=recipe.name)
 
 
 class DenseRun(_TrialRun):
@@ -544,7 +623,99 @@ class IMPRun(_TrialRun):
         return {"dense_val_acc": first.get("val_acc"), "dense_test_acc": first.get("test_acc")}
 
 
-RUNNERS: dict[str, type[_TrialRun]] = {"dense": DenseRun, "cs": CSRun, "imp": IMPRun}
+class RigLRun(_TrialRun):
+    """RigL: one sparse network trained from step 0 at fixed per-layer densities, its masks
+    updated by drop/grow every ``update_interval`` steps until ``end_fraction`` of training.
+    Yields one ticket (``final``): the final masks with the initial weights as rewind state,
+    and the accuracy the run reached."""
+
+    method = "rigl"
+
+    def __init__(self, trial, data, hooks: Hooks | None):
+        super().__init__(trial, data, hooks)
+        self.gradients: rigl.DenseGradients | None = None
+
+    def first_stage(self) -> str:
+        return "train"
+
+    def epochs_in_stage(self) -> int:
+        if self.stage == "train":
+            return self.trial.rigl.epochs or self.train.epochs_per_round
+        return super().epochs_in_stage()
+
+    def model_for_stage(self) -> nn.Module:
+        model = self.new_model()
+        add_binary_masks(model, self.initial_masks(model))
+        return model
+
+    def initial_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Random masks at the setting's per-layer densities (seeded by the trial seed)."""
+        settings = self.trial.rigl
+        modules = dict(model.named_modules())
+        shapes = {name: tuple(modules[name].weight.shape) for name in self.layer_names}
+        densities = rigl.layer_densities(settings.distribution, shapes, settings.sparsity)
+        generator = torch.Generator().manual_seed(self.trial.seed)
+        return rigl.random_masks(shapes, densities, generator, self.device)
+
+    def start_stage_model(self) -> None:
+        """Fresh masked model; its initial state is the rewind snapshot."""
+        super().start_stage_model()
+        self.snapshot = dense_state_dict(self.model)
+
+    # --- the update schedule --------------------------------------------------------------
+    def total_steps(self) -> int:
+        return self.epochs_in_stage() * self.data.num_train_batches(self.train.batch_size)
+
+    def end_step(self) -> int:
+        return rigl.end_step(self.total_steps(), self.trial.rigl.end_fraction)
+
+    def on_step(self):
+        """Arm the dense-gradient capture before the forward pass of every update step."""
+        interval, end = self.trial.rigl.update_interval, self.end_step()
+        offset = self.epoch * self.data.num_train_batches(self.train.batch_size)
+        self.gradients = rigl.DenseGradients(self.model)
+
+        def step(i: int) -> None:
+            if rigl.is_update_step(offset + i, interval, end):
+                self.gradients.arm()
+
+        return step
+
+    def after_backward(self):
+        """At an update step, drop and grow with the captured dense gradients."""
+        alpha, end = self.trial.rigl.drop_fraction, self.end_step()
+        offset = self.epoch * self.data.num_train_batches(self.train.batch_size)
+
+        def update(i: int) -> None:
+            if self.gradients is not None and self.gradients.armed:
+                fraction = rigl.drop_fraction(offset + i, alpha, end)
+                rigl.apply_update(self.model, self.optimizer, self.gradients.take(), fraction)
+
+        return update
+
+    def stages(self) -> None:
+        if self.stage == "train":
+            val, test = self.fit()
+            self.end_round(val, test)
+            ticket = self.make_ticket(
+                "final", binary_masks(self.model), round=1, rewind_epoch=0,
+                search_epochs=self.ledger.epochs("train"), val_acc=val, test_acc=test,
+                target_sparsity=self.trial.rigl.sparsity,
+            )
+            self.emit(ticket)
+            self.advance("done", 0)
+
+    def final_metrics(self) -> dict[str, Any]:
+        last = self.rounds[-1] if self.rounds else {}
+        settings = self.trial.rigl
+        updates = rigl.update_steps(self.total_steps(), settings.update_interval,
+                                    settings.end_fraction)
+        return {"val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"),
+                "sparsity": last.get("sparsity"), "mask_updates": len(updates)}
+
+
+RUNNERS: dict[str, type[_TrialRun]] = {"dense": DenseRun, "cs": CSRun, "imp": IMPRun,
+                                       "rigl": RigLRun}
 
 
 def run_trial(trial, data, hooks: Hooks | None = None) -> TrialResult:
@@ -575,7 +746,8 @@ def retrain_ticket(ticket: Ticket, trial, data, hooks: Hooks | None = None) -> T
 
 
 class RetrainRun(_TrialRun):
-    """Retrain one given ticket (e.g. loaded from disk)."""
+    """Retrain one given ticket (e.g. loaded from disk) under the trial's recipes; per-recipe
+    results the ticket carried from an earlier retraining are replaced, not merged."""
 
     def __init__(self, trial, data, hooks, ticket: Ticket):
         self.method = trial.method
@@ -587,8 +759,8 @@ class RetrainRun(_TrialRun):
 
     def begin(self) -> None:
         self.snapshot = {k: v.to(self.device) for k, v in self.given.rewind_state.items()}
-        self.pending = [Ticket(self.given.name, self.given.masks, self.given.rewind_state,
-                               dict(self.given.meta))]
+        meta = {k: v for k, v in self.given.meta.items() if k not in ("recipe", "recipes")}
+        self.pending = [Ticket(self.given.name, self.given.masks, self.given.rewind_state, meta)]
         super().begin()
 
     def stages(self) -> None:
@@ -602,11 +774,14 @@ def asdict_event(event) -> dict[str, Any]:
 
 def planned_epochs(trial) -> int:
     """Epochs a trial is configured to train (for progress display only; the cost report
-    counts epochs from the ledger)."""
+    counts epochs from the ledger). Retraining counts once per recipe."""
     epochs = trial.train.epochs_per_round
     retrain = (trial.retrain.epochs or epochs) if trial.retrain.enabled else 0
+    retrain *= len(trial.retrain.recipes)
     if trial.method == "dense":
         return epochs
+    if trial.method == "rigl":
+        return trial.rigl.epochs or epochs
     if trial.method == "cs":
         return trial.cs.rounds * epochs + retrain
     retrained = 1 if trial.imp.rewind_between_rounds else trial.imp.rounds

@@ -6,6 +6,9 @@ resolves patterns to the concrete Conv2d/Linear modules whose ``.weight`` is mas
 
 Models: ``mlp`` (LeNet-300-100), ``resnet20`` (CIFAR ResNet-20 with 1x1 conv shortcuts, no BN on
 the shortcut), ``vgg16`` (CIFAR VGG-16 with BN) and ``resnet50`` (torchvision, imported lazily).
+Every model takes ``activation`` (``relu`` by default, or ``silu``, ``mish``, ``elu``): the
+retraining recipes' activation swap. Activations carry no parameters, so the swap changes
+neither the parameter names and count nor the masked-layer set.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ACTIVATIONS",
     "ModelError",
     "ModelInfo",
     "create_model",
@@ -29,7 +34,20 @@ __all__ = [
 
 CIFAR_SHAPE: tuple[int, int, int] = (3, 32, 32)
 DEFAULT_MLP_HIDDEN: tuple[int, ...] = (300, 100)
-ACCEPTED_KWARGS: frozenset[str] = frozenset({"mlp_hidden"})
+ACCEPTED_KWARGS: frozenset[str] = frozenset({"mlp_hidden", "activation"})
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "silu": F.silu,
+    "mish": F.mish,
+    "elu": F.elu,
+}
+"""Activation functions by name; ``relu`` is every model's default."""
+ACTIVATION_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "elu": nn.ELU,
+}
 VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
@@ -63,10 +81,14 @@ class MLP(nn.Module):
     """Flatten -> fc1 -> ReLU -> fc2 -> ReLU -> ... -> fcN (logits).
 
     With ``hidden=(300, 100)`` this is LeNet-300-100: layers ``fc1``, ``fc2``, ``fc3``.
+    ``activation`` names the function between layers (a key of ``ACTIVATIONS``).
     """
 
-    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int) -> None:
+    def __init__(
+        self, in_features: int, hidden: Sequence[int], num_classes: int, activation: str = "relu"
+    ) -> None:
         super().__init__()
+        self.activation = activation
         self.flatten = nn.Flatten()
         widths = [in_features, *hidden, num_classes]
         self.num_layers = len(widths) - 1
@@ -74,11 +96,12 @@ class MLP(nn.Module):
             self.add_module(f"fc{index + 1}", nn.Linear(widths[index], widths[index + 1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATIONS[self.activation]
         x = self.flatten(x)
         for index in range(1, self.num_layers + 1):
             x = getattr(self, f"fc{index}")(x)
             if index < self.num_layers:
-                x = torch.relu(x)
+                x = act(x)
         return x
 
 
@@ -102,10 +125,11 @@ def build_mlp(
     num_classes: int,
     input_shape: tuple[int, ...],
     mlp_hidden: Sequence[int] = DEFAULT_MLP_HIDDEN,
+    activation: str = "relu",
 ) -> nn.Module:
     """LeNet-300-100 style MLP over the flattened input; takes any input shape."""
     hidden = _check_mlp_hidden(mlp_hidden)
-    return MLP(math.prod(input_shape), hidden, num_classes)
+    return MLP(math.prod(input_shape), hidden, num_classes, activation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,11 +141,12 @@ class BasicBlock(nn.Module):
     """conv1 3x3 (stride s) -> bn1 -> ReLU -> conv2 3x3 -> bn2, plus shortcut, then ReLU.
 
     ``shortcut`` is ``nn.Identity`` when the shape is unchanged, otherwise a 1x1 conv with the
-    block's stride, no bias and no BN.
+    block's stride, no bias and no BN. ``activation`` replaces ReLU (a key of ``ACTIVATIONS``).
     """
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, activation: str = "relu") -> None:
         super().__init__()
+        self.activation = activation
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
@@ -132,35 +157,39 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
+        act = ACTIVATIONS[self.activation]
+        out = act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
+        return act(out + self.shortcut(x))
 
 
 class ResNet20(nn.Module):
     """CIFAR ResNet-20: conv1+bn1, 3 stages x 3 BasicBlocks (16/32/64), avg pool, fc."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, activation: str = "relu") -> None:
         super().__init__()
+        self.activation = activation
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = _make_stage(16, 16, stride=1)
-        self.layer2 = _make_stage(16, 32, stride=2)
-        self.layer3 = _make_stage(32, 64, stride=2)
+        self.layer1 = _make_stage(16, 16, 1, activation)
+        self.layer2 = _make_stage(16, 32, 2, activation)
+        self.layer3 = _make_stage(32, 64, 2, activation)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         _init_convs(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = ACTIVATIONS[self.activation](self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _make_stage(in_planes: int, planes: int, stride: int, blocks: int = 3) -> nn.Sequential:
+def _make_stage(
+    in_planes: int, planes: int, stride: int, activation: str = "relu", blocks: int = 3
+) -> nn.Sequential:
     """A stage of ``blocks`` BasicBlocks; only the first one changes stride/width."""
-    layers = [BasicBlock(in_planes, planes, stride)]
-    layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+    layers = [BasicBlock(in_planes, planes, stride, activation)]
+    layers += [BasicBlock(planes, planes, 1, activation) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
 
 
@@ -180,10 +209,11 @@ def build_resnet20(
     num_classes: int,
     input_shape: tuple[int, ...],
     mlp_hidden: Sequence[int] = DEFAULT_MLP_HIDDEN,
+    activation: str = "relu",
 ) -> nn.Module:
     """CIFAR ResNet-20; needs input shape (3, 32, 32). ``mlp_hidden`` is ignored."""
     _require_shape("resnet20", input_shape, CIFAR_SHAPE)
-    return ResNet20(num_classes)
+    return ResNet20(num_classes, activation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,9 +224,9 @@ def build_resnet20(
 class VGG16(nn.Module):
     """CIFAR VGG-16 with BN: ``features`` (conv3x3+BN+ReLU, max-pools) -> ``classifier``."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, activation: str = "relu") -> None:
         super().__init__()
-        self.features = _make_vgg_features(VGG16_CFG)
+        self.features = _make_vgg_features(VGG16_CFG, activation)
         self.classifier = nn.Linear(512, num_classes)
         _init_convs(self)
 
@@ -204,8 +234,8 @@ class VGG16(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-def _make_vgg_features(cfg: Sequence[int | str]) -> nn.Sequential:
-    """Conv2d(3x3, pad 1)+BN+ReLU for each width in ``cfg``, MaxPool2d(2) for each "M"."""
+def _make_vgg_features(cfg: Sequence[int | str], activation: str = "relu") -> nn.Sequential:
+    """Conv2d(3x3, pad 1)+BN+activation for each width in ``cfg``, MaxPool2d(2) for each "M"."""
     layers: list[nn.Module] = []
     in_channels = 3
     for item in cfg:
@@ -216,7 +246,7 @@ def _make_vgg_features(cfg: Sequence[int | str]) -> nn.Sequential:
         layers += [
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            ACTIVATION_MODULES[activation](),
         ]
         in_channels = out_channels
     return nn.Sequential(*layers)
@@ -226,10 +256,11 @@ def build_vgg16(
     num_classes: int,
     input_shape: tuple[int, ...],
     mlp_hidden: Sequence[int] = DEFAULT_MLP_HIDDEN,
+    activation: str = "relu",
 ) -> nn.Module:
     """CIFAR VGG-16 with BN; needs input shape (3, 32, 32). ``mlp_hidden`` is ignored."""
     _require_shape("vgg16", input_shape, CIFAR_SHAPE)
-    return VGG16(num_classes)
+    return VGG16(num_classes, activation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +272,7 @@ def build_resnet50(
     num_classes: int,
     input_shape: tuple[int, ...],
     mlp_hidden: Sequence[int] = DEFAULT_MLP_HIDDEN,
+    activation: str = "relu",
 ) -> nn.Module:
     """torchvision ResNet-50 (random init); needs (3, H, W) with H, W >= 32."""
     if len(input_shape) != 3 or input_shape[0] != 3 or min(input_shape[1:]) < 32:
@@ -249,7 +281,24 @@ def build_resnet50(
         )
     from torchvision.models import resnet50
 
-    return resnet50(weights=None, num_classes=num_classes)
+    model = resnet50(weights=None, num_classes=num_classes)
+    if activation != "relu":
+        replace_relu_modules(model, activation)
+    return model
+
+
+def replace_relu_modules(model: nn.Module, activation: str) -> int:
+    """Replace every ``nn.ReLU`` submodule of ``model`` by a fresh ``activation`` module in
+    place; return how many were replaced."""
+    targets = [
+        (parent, child_name)
+        for parent in model.modules()
+        for child_name, child in parent.named_children()
+        if isinstance(child, nn.ReLU)
+    ]
+    for parent, child_name in targets:
+        setattr(parent, child_name, ACTIVATION_MODULES[activation]())
+    return len(targets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,10 +356,11 @@ def create_model(
 ) -> nn.Module:
     """Build a fresh model ``name`` for ``num_classes`` classes and inputs of ``input_shape``.
 
-    ``input_shape`` excludes the batch dimension, e.g. (3, 32, 32). The only keyword argument
-    is ``mlp_hidden`` (hidden widths of the mlp; accepted and ignored by the other models).
-    Raises ModelError for an unknown name, an unexpected keyword argument, a bad
-    ``num_classes`` or an input shape the model cannot take.
+    ``input_shape`` excludes the batch dimension, e.g. (3, 32, 32). The keyword arguments are
+    ``mlp_hidden`` (hidden widths of the mlp; accepted and ignored by the other models) and
+    ``activation`` (a key of ``ACTIVATIONS``, default ``relu``). Raises ModelError for an
+    unknown name or activation, an unexpected keyword argument, a bad ``num_classes`` or an
+    input shape the model cannot take.
     """
     info = model_info(name)
     unexpected = sorted(set(kwargs) - ACCEPTED_KWARGS)
@@ -321,6 +371,11 @@ def create_model(
         )
     if not _is_positive_int(num_classes):
         raise ModelError(f"num_classes: expected a positive integer, got {num_classes!r}")
+    activation = kwargs.get("activation", "relu")
+    if activation not in ACTIVATIONS:
+        raise ModelError(
+            f"activation: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}"
+        )
     shape = _check_input_shape(input_shape)
     return info.build(num_classes, shape, **kwargs)
 

@@ -58,6 +58,10 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "per_ticket": {"type": "object"},
             }}},
         "ratios": {"type": "object"},
+        "recipes": {"type": "array", "items": {
+            "type": "object",
+            "required": ["method", "trial_id", "ticket", "sparsity", "recipe", "test_acc",
+                         "test_acc_delta"]}},
         "timeline": {"type": "array"},
     },
 }
@@ -161,6 +165,29 @@ def _tickets(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "val_acc": t.get("val_acc"), "test_acc": t.get("test_acc"),
                          "run_id": trial.get("run_id")})
     return sorted(rows, key=lambda t: (t["sparsity"], t["trial_id"], t["name"]))
+
+
+def recipe_comparison(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For tickets retrained under several recipes: each recipe's accuracy and its difference
+    from the ticket's primary (first) recipe."""
+    rows = []
+    for trial in trials:
+        for t in trial["tickets"]:
+            recipes = t.get("recipes") or {}
+            primary = recipes.get(t.get("recipe")) if t.get("recipe") else None
+            if len(recipes) < 2 or primary is None:
+                continue
+            base = primary.get("test_acc")
+            for name, result in sorted(recipes.items()):
+                acc = result.get("test_acc")
+                rows.append({
+                    "method": trial["method"], "trial_id": trial["trial_id"],
+                    "ticket": t["name"], "sparsity": t["sparsity"], "recipe": name,
+                    "primary": name == t["recipe"], "val_acc": result.get("val_acc"),
+                    "test_acc": acc,
+                    "test_acc_delta": None if acc is None or base is None else acc - base,
+                })
+    return rows
 
 
 def pareto_front(tickets: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -289,6 +316,7 @@ def build_report(record: JobRecord, tolerance: float = 0.01) -> dict[str, Any]:
         "methods": methods,
         "ratios": ratios,
         "frontier": frontier_comparison(methods),
+        "recipes": recipe_comparison(record.trials),
         "timeline": timeline(record.trials),
     }
 
@@ -363,6 +391,17 @@ def format_markdown(report: dict[str, Any]) -> str:
         out += ["", f"{frontier['challenger'].upper()} frontier tickets that match or beat the "
                 f"best {frontier['reference'].upper()} ticket of equal or higher sparsity: "
                 f"**{frontier['dominating']} of {frontier['of']}**."]
+    if report.get("recipes"):
+        out += ["", "## Retraining recipes", "",
+                "Test accuracy of each ticket under each recipe, and the difference from its "
+                "primary (first) recipe.", "",
+                "| method | ticket | sparsity | recipe | test acc | Δ vs primary |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for r in report["recipes"]:
+            delta = "-" if r["test_acc_delta"] is None else f"{r['test_acc_delta']:+.4f}"
+            out.append(f"| {r['method']} | {r['trial_id']} / {r['ticket']} | "
+                       f"{r['sparsity']:.4f} | {r['recipe']}{' (primary)' if r['primary'] else ''}"
+                       f" | {_fmt(r['test_acc'])} | {delta} |")
     out += ["", "![Pareto frontier](pareto.png)", "", "![Cost](cost.png)", "",
             "![Timeline](timeline.png)"]
     for name, m in report["methods"].items():

@@ -1,7 +1,7 @@
 """The job spec: every knob of a ticketsearch job, its default and its one-line description.
 
 A job is written in YAML, validated into a frozen :class:`JobSpec`, and expanded into one
-:class:`TrialSpec` per trial (dense baselines, CS settings, IMP chains). This module is the
+:class:`TrialSpec` per trial (dense baselines, CS settings, IMP chains, RigL runs). This module is the
 only place defaults live; the CLI and the JSON schema reuse the field descriptions.
 
 User mistakes surface as :class:`SpecError`, one line per problem, each naming the
@@ -46,8 +46,11 @@ __all__ = [
     "JobSpec",
     "MethodsSpec",
     "ModelSpec",
+    "RECIPE_PRESETS",
+    "RecipeSpec",
     "ResourcesSpec",
     "RetrainSpec",
+    "RigLSpec",
     "SpecError",
     "StorageSpec",
     "TrackingSpec",
@@ -64,7 +67,8 @@ __all__ = [
 
 DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "mnist", "imagenet"]
 ModelName = Literal["mlp", "resnet20", "vgg16", "resnet50"]
-MethodName = Literal["dense", "cs", "imp"]
+MethodName = Literal["dense", "cs", "imp", "rigl"]
+ActivationName = Literal["relu", "silu", "mish", "elu"]
 
 DATASETS_NEEDING_ROOT: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "imagenet")
 """Datasets read from files under ``data.root``; the others are built in memory."""
@@ -78,7 +82,11 @@ DATASET_INPUTS: dict[str, str] = {
 }
 """What each file-backed or built-in dataset feeds the model, for compatibility messages."""
 
+IMAGE_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "imagenet")
+"""Datasets whose examples are (channels, height, width) images (synthetic ones may be too)."""
+
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+RECIPE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 JOB_NAME_MAX_LENGTH = 64
 TRIAL_ID_PATTERN = r"^[A-Za-z0-9_.=-]+$"
 
@@ -538,6 +546,54 @@ class IMPSpec(_MethodSpec):
     )
 
 
+class RigLSpec(_MethodSpec):
+    """RigL dynamic sparse training (Evci et al. 2020): one sparse network per setting."""
+
+    model_config = ConfigDict(json_schema_extra=_sweep_axes_schema)
+    sweep_axes: ClassVar[tuple[str, ...]] = ("sparsity", "distribution", "seed")
+
+    sparsity: float = Field(
+        0.9,
+        gt=0,
+        lt=1,
+        description="Target sparsity of the masked layers, fixed from the first step.",
+    )
+    distribution: Literal["uniform", "erk"] = Field(
+        "erk",
+        description="Per-layer densities: uniform = every layer at the target sparsity except "
+        "the first masked layer, which stays dense (so the network is a little denser than "
+        "the target); erk = Erdős–Rényi-Kernel, density ∝ sum(dims)/prod(dims), totalling the "
+        "target exactly.",
+    )
+    update_interval: int = Field(
+        100, ge=1, description="Steps between mask updates (ΔT)."
+    )
+    end_fraction: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="Fraction of the training steps after which the masks stop changing.",
+    )
+    drop_fraction: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Initial fraction α of each layer's active weights dropped and regrown per "
+        "update; decays as α/2·(1 + cos(π t / T_end)).",
+    )
+    epochs: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Training epochs of the RigL run; null = train.epochs_per_round "
+        "(LR milestones scale proportionally).",
+    )
+    seed: int = Field(0, description="Seed of weight initialisation, initial masks and data order.")
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Grid axes (allowed: sparsity, distribution, seed), each a non-empty list "
+        "of values; one RigL run per point of their cartesian product.",
+    )
+
+
 class MethodsSpec(_Spec):
     """Which methods the job runs: a section given (even ``{}``) enables the method,
     an absent or null section disables it."""
@@ -551,14 +607,17 @@ class MethodsSpec(_Spec):
     imp: IMPSpec | None = Field(
         None, description="Iterative Magnitude Pruning chain(s); {} = defaults, null = off."
     )
+    rigl: RigLSpec | None = Field(
+        None, description="RigL dynamic sparse training run(s); {} = defaults, null = off."
+    )
 
     @model_validator(mode="after")
     def _check_any(self) -> MethodsSpec:
         """At least one method must be enabled."""
-        if self.dense is None and self.cs is None and self.imp is None:
+        if self.dense is None and self.cs is None and self.imp is None and self.rigl is None:
             _raise_problems(
                 "MethodsSpec",
-                [((), "enable at least one of dense, cs, imp (e.g. 'cs: {}')", None)],
+                [((), "enable at least one of dense, cs, imp, rigl (e.g. 'cs: {}')", None)],
             )
         return self
 
@@ -568,17 +627,169 @@ class MethodsSpec(_Spec):
 # --------------------------------------------------------------------------------------
 
 
+RECIPE_PRESETS: dict[str, dict[str, Any]] = {
+    "vanilla": {},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "mixup": {"mixup_alpha": 1.0},
+    "cutmix": {"cutmix_alpha": 1.0},
+    "warmup": {"warmup_epochs": 5},
+    "silu": {"activation": "silu"},
+    "mish": {"activation": "mish"},
+    "elu": {"activation": "elu"},
+}
+"""Named retraining recipes: ``retrain.recipes: [vanilla, mixup]`` uses them as they are; a
+mapping whose name is a preset starts from the preset (``{name: mixup, mixup_alpha: 0.2}``)."""
+
+_RECIPE_TWEAKS: tuple[str, ...] = (
+    "label_smoothing", "mixup_alpha", "cutmix_alpha", "warmup_epochs", "activation",
+)
+
+
+class RecipeSpec(_Spec):
+    """A retraining recipe: a name and the tweaks it applies (all off = vanilla retraining).
+
+    Written either as a preset name (see ``RECIPE_PRESETS``) or as a mapping; a mapping whose
+    name is a preset starts from that preset's values.
+    """
+
+    name: str = Field(
+        description="Recipe name, unique within the job (letters, digits, '_', '.', '-'); "
+        f"the presets are {', '.join(RECIPE_PRESETS)}.",
+        json_schema_extra={"pattern": RECIPE_NAME_PATTERN, "maxLength": 40},
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing ε of the cross-entropy; 0 = off."
+    )
+    mixup_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="Mixup: each batch is mixed with itself reversed, coefficient drawn from "
+        "Beta(α, α) per batch; 0 = off.",
+    )
+    cutmix_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="CutMix (image datasets only): a box of the reversed batch is pasted in, "
+        "area from Beta(α, α) per batch; 0 = off.",
+    )
+    warmup_epochs: int = Field(
+        0,
+        ge=0,
+        description="Linear LR warm-up: epoch e < W trains at lr·(e+1)/W, then the usual "
+        "schedule; 0 = off.",
+    )
+    activation: ActivationName = Field(
+        "relu", description="Activation replacing ReLU in the retrained network."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, value: Any) -> Any:
+        """A preset name becomes its mapping; a mapping named after a preset starts from it."""
+        if isinstance(value, str):
+            if value not in RECIPE_PRESETS:
+                hint = difflib.get_close_matches(value, list(RECIPE_PRESETS), n=1)
+                suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ValueError(
+                    f"unknown recipe preset {value!r}{suffix}; the presets are "
+                    f"{', '.join(RECIPE_PRESETS)}, or write a mapping such as "
+                    "{name: smooth, label_smoothing: 0.1}"
+                )
+            return {"name": value, **RECIPE_PRESETS[value]}
+        if isinstance(value, Mapping) and value.get("name") in RECIPE_PRESETS:
+            return {**RECIPE_PRESETS[value["name"]], **value}
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        """Recipe names label results, metrics and report columns."""
+        if len(value) > 40 or not re.match(RECIPE_NAME_PATTERN, value):
+            raise ValueError(
+                "must be at most 40 characters, start with a letter or digit and contain only "
+                f"letters, digits, '_', '.', '-' (got {value!r})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_tweaks(self) -> RecipeSpec:
+        """Mixup and CutMix exclude each other; "vanilla" means no tweak at all."""
+        problems: list[tuple[tuple[str | int, ...], str, Any]] = []
+        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+            problems.append(
+                (
+                    ("cutmix_alpha",),
+                    "mixup and CutMix cannot be combined in one recipe; set one of mixup_alpha "
+                    "and cutmix_alpha to 0 (or list them as two recipes)",
+                    self.cutmix_alpha,
+                )
+            )
+        if self.name == "vanilla" and self.tweaks():
+            problems.append(
+                (
+                    ("name",),
+                    f"the vanilla recipe is plain retraining and takes no tweaks (got "
+                    f"{', '.join(self.tweaks())}); give this recipe another name",
+                    self.name,
+                )
+            )
+        if problems:
+            _raise_problems("RecipeSpec", problems)
+        return self
+
+    def tweaks(self) -> dict[str, Any]:
+        """The tweaks this recipe turns on (those not at their off value)."""
+        values = {key: getattr(self, key) for key in _RECIPE_TWEAKS}
+        return {key: value for key, value in values.items()
+                if value != RecipeSpec.model_fields[key].default}
+
+
+def _default_recipes() -> list[RecipeSpec]:
+    return [RecipeSpec(name="vanilla")]
+
+
 class RetrainSpec(_Spec):
     """Retraining of the tickets found, from the rewind snapshot with the mask frozen."""
 
     enabled: bool = Field(
-        True, description="Retrain each ticket found by CS and IMP's final ticket."
+        True,
+        description="Retrain each ticket found by CS and IMP's final ticket (a RigL run's "
+        "network is trained once and not retrained).",
     )
     epochs: Annotated[int, Field(ge=1)] | None = Field(
         None,
         description="Retraining epochs; null = train.epochs_per_round (LR milestones scale "
         "proportionally, see TrainSpec.milestones_for).",
     )
+    recipes: list[RecipeSpec] = Field(
+        default_factory=_default_recipes,
+        description="Recipes each ticket is retrained under, in order: preset names "
+        f"({', '.join(RECIPE_PRESETS)}) or mappings {{name, label_smoothing, mixup_alpha, "
+        "cutmix_alpha, warmup_epochs, activation}}. The first recipe's accuracy is the "
+        "ticket's; every recipe's is kept per ticket.",
+    )
+
+    @field_validator("recipes")
+    @classmethod
+    def _check_recipe_names(cls, value: list[RecipeSpec]) -> list[RecipeSpec]:
+        """At least one recipe; names identify the per-recipe results, so they are distinct."""
+        if not value:
+            raise ValueError("must list at least one recipe, e.g. [vanilla]")
+        seen: set[str] = set()
+        problems: list[tuple[tuple[str | int, ...], str, Any]] = []
+        for index, recipe in enumerate(value):
+            if recipe.name in seen:
+                problems.append(
+                    (
+                        (index, "name"),
+                        f"two recipes are named {recipe.name!r}; give each recipe its own name",
+                        recipe.name,
+                    )
+                )
+            seen.add(recipe.name)
+        if problems:
+            _raise_problems("RetrainSpec", problems)
+        return value
 
 
 class ResourcesSpec(_Spec):
@@ -655,6 +866,7 @@ class TrialSpec(_Spec):
     train: TrainSpec = Field(description="Training recipe.")
     cs: CSSpec | None = Field(None, description="Resolved CS settings (method cs only).")
     imp: IMPSpec | None = Field(None, description="Resolved IMP settings (method imp only).")
+    rigl: RigLSpec | None = Field(None, description="Resolved RigL settings (method rigl only).")
     retrain: RetrainSpec = Field(description="Ticket retraining settings.")
     resources: ResourcesSpec = Field(description="Resources the trial asks for.")
 
@@ -683,6 +895,15 @@ def _imp_identity(spec: IMPSpec, rounds_swept: bool) -> tuple[str, str]:
     return "-".join([variant, *parts]), " ".join([variant, *parts])
 
 
+def _rigl_identity(spec: RigLSpec) -> tuple[str, str]:
+    """(trial_id, name) of a resolved RigL setting."""
+    sparsity = _format_number(spec.sparsity)
+    return (
+        f"rigl-{spec.distribution}-s={sparsity}-seed={spec.seed}",
+        f"rigl {spec.distribution} s={sparsity} seed={spec.seed}",
+    )
+
+
 class JobSpec(_Spec):
     """A whole job: data, model, recipe, the methods to run, and where to run and record it."""
 
@@ -697,7 +918,7 @@ class JobSpec(_Spec):
     train: TrainSpec = Field(
         default_factory=TrainSpec, description="Training recipe shared by every method."
     )
-    methods: MethodsSpec = Field(description="Methods to run: dense, cs, imp.")
+    methods: MethodsSpec = Field(description="Methods to run: dense, cs, imp, rigl.")
     retrain: RetrainSpec = Field(
         default_factory=RetrainSpec, description="Ticket retraining settings."
     )
@@ -768,11 +989,50 @@ class JobSpec(_Spec):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_recipes_fit(self) -> JobSpec:
+        """Recipes need retraining to be on; CutMix needs image inputs."""
+        problems: list[tuple[tuple[str | int, ...], str, Any]] = []
+        recipes = self.retrain.recipes
+        if not self.retrain.enabled and recipes != _default_recipes():
+            problems.append(
+                (
+                    ("retrain", "recipes"),
+                    "retraining is off (retrain.enabled: false), so these recipes would never "
+                    "run; set retrain.enabled: true or remove retrain.recipes",
+                    [recipe.name for recipe in recipes],
+                )
+            )
+        data = self.data
+        images = data.dataset in IMAGE_DATASETS or (
+            data.dataset == "synthetic" and len(data.synthetic_shape) == 3
+        )
+        if not images:
+            gives = (
+                f"synthetic_shape {list(data.synthetic_shape)}"
+                if data.dataset == "synthetic"
+                else DATASET_INPUTS[data.dataset]
+            )
+            for index, recipe in enumerate(recipes):
+                if recipe.cutmix_alpha > 0:
+                    problems.append(
+                        (
+                            ("retrain", "recipes", index, "cutmix_alpha"),
+                            f"CutMix pastes boxes between images, but dataset {data.dataset} "
+                            f"gives {gives}; use mixup_alpha instead or drop this recipe",
+                            recipe.cutmix_alpha,
+                        )
+                    )
+        if problems:
+            _raise_problems("JobSpec", problems)
+        return self
+
     def trials(self) -> list[TrialSpec]:
-        """Expand the job into its trials: dense first, then CS, then IMP.
+        """Expand the job into its trials: dense first, then CS, IMP and RigL.
 
         Each method's sweep is expanded as a cartesian product in the method's axis order
-        (CS: lambda, beta_final, mask_init, seed). Trial ids are unique within the job.
+        (CS: lambda, beta_final, mask_init, seed; RigL: sparsity, distribution, seed). Trial
+        ids are unique within the job.
         """
         common = {
             "job_name": self.name,
@@ -809,6 +1069,15 @@ class JobSpec(_Spec):
                         trial_id=trial_id, name=name, method="imp", seed=imp.seed, imp=imp, **common
                     )
                 )
+        if methods.rigl is not None:
+            for rigl in methods.rigl.expand():
+                trial_id, name = _rigl_identity(rigl)
+                trials.append(
+                    TrialSpec(
+                        trial_id=trial_id, name=name, method="rigl", seed=rigl.seed, rigl=rigl,
+                        **common,
+                    )
+                )
         _check_unique_ids(trials)
         return trials
 
@@ -816,9 +1085,17 @@ class JobSpec(_Spec):
         """First 12 hex chars of the sha256 of the spec's canonical JSON.
 
         Equal for the same job written differently (key order, defaults spelled out or not).
+        Knobs added after the first release (``methods.rigl``, ``retrain.recipes``) are left
+        out while at their default, so the jobs written before them keep their hash (and job
+        directory).
         """
+        data = self.model_dump(mode="json", by_alias=True)
+        if data["methods"]["rigl"] is None:
+            del data["methods"]["rigl"]
+        if self.retrain.recipes == _default_recipes():
+            del data["retrain"]["recipes"]
         canonical = json.dumps(
-            self.model_dump(mode="json", by_alias=True),
+            data,
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,

@@ -391,7 +391,8 @@ class MlflowHooks(Hooks):
                   "recomputed_epochs": ledger.recomputed_epochs,
                   "search_epochs_total": ledger.epochs("search"),
                   "retrain_epochs_total": ledger.epochs("retrain"),
-                  "dense_epochs_total": ledger.epochs("dense")}
+                  "dense_epochs_total": ledger.epochs("dense"),
+                  "train_epochs_total": ledger.epochs("train")}
         values |= {f"final_{k}": v for k, v in result.final.items() if v is not None}
         self.logger.submit(metrics_op(values, ledger.epochs()))
         result_file = Path(self.inner.dir) / "result.json"

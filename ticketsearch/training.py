@@ -2,8 +2,10 @@
 
 One loop for every method: SGD (Nesterov by default) whose LR schedule restarts each round,
 weight decay on every dense parameter and never on mask logits, an optional extra loss term
-(the CS penalty) and an optional per-step hook (the per-iteration temperature schedule).
-Nothing here knows about Ray or MLflow.
+(the CS penalty), an optional per-step hook before the forward pass (the per-iteration
+temperature schedule), an optional hook between backward and the optimizer step (RigL's mask
+updates) and an optional batch loss replacing the plain cross-entropy (the retraining recipes'
+label smoothing, mixup and CutMix). Nothing here knows about Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -77,12 +79,17 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     extra_loss: Callable[[], Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
+    after_backward: Callable[[int], None] | None = None,
+    batch_loss: Callable[[nn.Module, Tensor, Tensor, int], Tensor] | None = None,
 ) -> EpochStats:
-    """One pass over ``batches``: cross-entropy (+ ``extra_loss()``), backward, step.
+    """One pass over ``batches``: loss (+ ``extra_loss()``), backward, step.
 
-    ``on_step(i)`` runs before step ``i`` (0-based within the epoch). The batch losses are
-    kept on the device and read once at the end, so the loop never syncs per step (and does
-    no per-step bookkeeping beyond that: ``bench overhead`` holds it to a minimal loop).
+    The loss is ``batch_loss(model, x, y, i)`` when given, else ``cross_entropy(model(x), y)``;
+    the reported ``train_loss`` is its batch-size-weighted mean. ``on_step(i)`` runs before
+    step ``i`` (0-based within the epoch) and ``after_backward(i)`` after its backward pass,
+    before the optimizer step. The batch losses are kept on the device and read once at the
+    end, so the loop never syncs per step (and does no per-step bookkeeping beyond that:
+    ``bench overhead`` holds it to a minimal loop).
     """
     model.train()
     start = time.perf_counter()
@@ -90,10 +97,15 @@ def train_epoch(
     for step, (x, y) in enumerate(batches):
         if on_step is not None:
             on_step(step)
-        loss = F.cross_entropy(model(x), y)
+        if batch_loss is None:
+            loss = F.cross_entropy(model(x), y)
+        else:
+            loss = batch_loss(model, x, y, step)
         total = loss if extra_loss is None else loss + extra_loss()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if after_backward is not None:
+            after_backward(step)
         optimizer.step()
         losses.append(loss.detach())
         sizes.append(y.shape[0])
@@ -128,7 +140,7 @@ def evaluate(model: nn.Module, batches) -> tuple[float, float] | None:
 class LedgerEntry:
     """One epoch actually trained."""
 
-    phase: str  # "search", "retrain" or "dense"
+    phase: str  # "search", "retrain", "dense" or "train" (RigL)
     round: int
     epoch: int
     seconds: float  # training time of the epoch (evaluation excluded)
@@ -163,8 +175,10 @@ class EpochLedger:
         if self.attempts:
             self.attempts[-1][1] = time.time()
 
-    def epochs(self, phase: str | None = None) -> int:
-        return sum(1 for e in self.entries if phase is None or e.phase == phase)
+    def epochs(self, phase: str | None = None, round: int | None = None) -> int:
+        """Epochs trained, optionally only those of ``phase`` and of ``round``."""
+        return sum(1 for e in self.entries if (phase is None or e.phase == phase)
+                   and (round is None or e.round == round))
 
     def seconds(self, phase: str | None = None) -> float:
         return sum(e.seconds + e.eval_seconds for e in self.entries
