@@ -1,6 +1,10 @@
+import copy
+
 import pytest
+import torch
 
 from ticketsearch.data import load_dataset
+from ticketsearch.methods import Hooks
 from ticketsearch.spec import parse_job
 
 
@@ -30,3 +34,33 @@ def digits():
                            augment=None, split_seed=0, synthetic_shape=[64],
                            synthetic_classes=10, synthetic_size=512, num_workers=0)
     return load_dataset(spec, "cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest (and steadiest on a busy machine) on one thread; use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Recorder(Hooks):
+    """Hooks that keep every event, ticket and checkpoint (copied: the state passed to
+    ``save_checkpoint`` is only valid during the call)."""
+
+    def __init__(self):
+        self.epochs, self.rounds, self.tickets, self.checkpoints = [], [], [], []
+
+    def epoch_end(self, event):
+        self.epochs.append(event)
+
+    def round_end(self, event):
+        self.rounds.append(event)
+
+    def ticket_found(self, ticket):
+        self.tickets.append(ticket)
+
+    def save_checkpoint(self, state):
+        self.checkpoints.append(copy.deepcopy(state))

@@ -1,28 +1,10 @@
-import copy
 
 import pytest
 import torch
-from conftest import tiny_trial
+from conftest import Recorder, tiny_trial
 
 from ticketsearch.methods import CSRun, Hooks, IMPRun, retrain_ticket, run_trial
 from ticketsearch.sparsity.masks import binary_masks, dense_weight, masked_modules
-
-
-class Recorder(Hooks):
-    def __init__(self):
-        self.epochs, self.rounds, self.tickets, self.checkpoints = [], [], [], []
-
-    def epoch_end(self, event):
-        self.epochs.append(event)
-
-    def round_end(self, event):
-        self.rounds.append(event)
-
-    def ticket_found(self, ticket):
-        self.tickets.append(ticket)
-
-    def save_checkpoint(self, state):
-        self.checkpoints.append(copy.deepcopy(state))  # the state is only valid during the call
 
 
 def test_cs_beta_schedule_and_ledger(digits):

@@ -3,14 +3,13 @@ functions; the recipe spec; tickets retrained under several recipes on digits; t
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_job_dict, tiny_trial
+from conftest import Recorder, tiny_job_dict, tiny_trial
 from torch import nn
 
 from ticketsearch.local import run_job_locally
@@ -31,13 +30,7 @@ from ticketsearch.spec import RECIPE_PRESETS, RecipeSpec, SpecError, dump_job, l
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest (and steadiest on a busy machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -209,21 +202,6 @@ TWEAKED = {"name": "tweaked", "mixup_alpha": 0.4, "label_smoothing": 0.1, "warmu
            "activation": "silu"}
 
 
-class Recorder(Hooks):
-    def __init__(self):
-        self.epochs, self.rounds, self.tickets, self.checkpoints = [], [], [], []
-
-    def epoch_end(self, event):
-        self.epochs.append(event)
-
-    def round_end(self, event):
-        self.rounds.append(event)
-
-    def ticket_found(self, ticket):
-        self.tickets.append(ticket)
-
-    def save_checkpoint(self, state):
-        self.checkpoints.append(copy.deepcopy(state))
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ MASKED = sum(math.prod(shape) for shape in LAYERS.values())  # 2720
 STEPS_PER_EPOCH = 10  # 1257 digits training examples at batch 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest (and steadiest on a busy machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- densities
