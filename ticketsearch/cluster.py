@@ -255,8 +255,9 @@ def _tuner(job: JobSpec, root: Path, pending: list[str], tracking, echo):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[make_progress(names, echo)],
     )
+    # Reusing trial actors saves each trial's process start-up and imports (~7 s here).
     return tune.Tuner(trainable, param_space={"trial_id": tune.grid_search(pending)},
-                      tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False),
+                      tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True),
                       run_config=run_config)
 
 
