@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def _cost(trials: list[dict[str, Any]], phase: str) -> dict[str, int]:
-    epochs = [t["ledger"]["epochs"].get(phase, 0) for t in trials]
+def _cost(trials: list[dict[str, Any]], *phases: str) -> dict[str, int]:
+    epochs = [sum(t["ledger"]["epochs"].get(p, 0) for p in phases) for t in trials]
     return {"critical_path": max(epochs, default=0), "total": sum(epochs)}
 
 
@@ -28,7 +28,7 @@ def job_summary(job, trials: list[dict[str, Any]], driver_wall_s: float) -> dict
         methods[method] = {
             "trials": len(mine),
             "tickets": [dict(t, trial_id=r["trial_id"]) for r in mine for t in r["tickets"]],
-            "search_epochs": _cost(mine, "search"),
+            "search_epochs": _cost(mine, "search", "train"),  # a RigL run's training is its search
             "retrain_epochs": _cost(mine, "retrain"),
             "dense_epochs": _cost(mine, "dense"),
             "wall_clock_s": {"critical_path": max(wall), "total": sum(wall)},
