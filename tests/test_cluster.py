@@ -78,7 +78,7 @@ def test_progress_table_shows_running_trials_and_finished_count():
 
 def test_quarter_gpu_trials_run_concurrently_on_one_logical_gpu(ray_local, tmp_path):
     data = tiny_job_dict(cs={"rounds": 3, "sweep": {"seed": [0, 1, 2, 3]}})
-    data["train"]["epochs_per_round"] = 8
+    data["train"]["epochs_per_round"] = 20  # long enough to outlast the actors' staggered start
     data["model"]["mlp_hidden"] = [300, 100]
     data["resources"] = {"cpus": 0.25, "gpus": 0.25}
     job = parse_job(data)
