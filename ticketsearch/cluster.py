@@ -3,16 +3,15 @@
 The driver prepares the job directory and the MLflow runs, starts (or joins) Ray, refuses
 resource requests no node can satisfy, and runs a ``Tuner`` whose trials are the job's
 trials. Each trial is a thin function: it rebuilds its ``TrialSpec``, trains through the
-pure-PyTorch runner, and reports through ``RayTrialHooks`` — per-epoch results to Tune,
-checkpoints as Tune checkpoints (restored by Tune after a worker failure or by
-``Tuner.restore`` after a driver failure), events/tickets/results into the job directory,
-and metrics to MLflow.
+pure-PyTorch runner, and reports through ``RayTrialHooks`` — per-epoch results to Tune;
+checkpoints, events, tickets and results into its trial directory (resumed from after a
+worker failure, or after a driver failure once ``Tuner.restore`` restarts the trial) — and
+metrics to MLflow.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +21,10 @@ import torch
 
 from .jobdir import TrialDirHooks, read_result, write_json_atomic
 from .local import make_report, prepare_job_dir
-from .methods import EpochEvent, RoundEvent, planned_epochs, run_trial
+from .methods import EpochEvent, planned_epochs, run_trial
 from .spec import JobSpec, parse_job
 from .summary import job_summary
 
-CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_EVERY_S = 10.0
 
 
@@ -38,45 +36,25 @@ class ClusterError(RuntimeError):
 
 
 class RayTrialHooks(TrialDirHooks):
-    """Trial-directory hooks whose checkpoints are Ray Tune checkpoints and whose epochs are
-    reported to Tune as results."""
+    """Trial-directory hooks that also report every epoch to Tune as a result.
+
+    Checkpoints stay in the trial directory (``checkpoint.pt``, on storage every node sees),
+    not in Tune's checkpoint store: a retried trial and a trial restored after the driver died
+    both resume from it. (Tune prunes old checkpoints while its experiment snapshot can still
+    point at them, so a driver killed at the wrong moment left a snapshot that could not be
+    restored.)
+    """
 
     def __init__(self, trial_dir: Path, planned: int):
         super().__init__(trial_dir)
         self.planned = planned
-        self.last: dict[str, Any] = {}
 
     def epoch_end(self, event: EpochEvent) -> None:
         from ray import tune
 
         super().epoch_end(event)
-        self.last = {"step": event.step + 1, "epochs_planned": self.planned,
-                     "phase": event.phase, **event.metrics()}
-        tune.report(self.last)
-
-    def round_end(self, event: RoundEvent) -> None:
-        super().round_end(event)
-
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
-        from ray import tune
-
-        with tempfile.TemporaryDirectory(prefix="ts-ckpt-") as folder:
-            torch.save(state, Path(folder) / CHECKPOINT_FILE)
-            metrics = dict(self.last, checkpoint_epochs=len(state["ledger"]["entries"]))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        from ray import tune
-
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            self.events_path.unlink(missing_ok=True)
-            return None
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True,
-                               map_location="cpu")
-        self._truncate_events(state)
-        return state
+        tune.report({"step": event.step + 1, "epochs_planned": self.planned,
+                     "phase": event.phase, **event.metrics()})
 
 
 def _configure_torch(trial) -> None:
@@ -252,7 +230,6 @@ def _tuner(job: JobSpec, root: Path, pending: list[str], tracking, echo):
     run_config = tune.RunConfig(
         name="tune", storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=job.resources.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[make_progress(names, echo)],
     )
     # Reusing trial actors saves each trial's process start-up and imports (~7 s here).
