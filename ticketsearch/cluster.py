@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
-from .jobdir import TrialDirHooks, read_result, write_json_atomic
-from .local import make_report, prepare_job_dir
+from .jobdir import TrialDirHooks, read_result
+from .local import close_job, make_report, open_job, start_tracking
 from .methods import EpochEvent, planned_epochs, run_trial
 from .spec import JobSpec, parse_job
-from .summary import job_summary
 
 PROGRESS_EVERY_S = 10.0
 
@@ -257,19 +256,11 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
                    echo: Callable[[str], None] = print, track: bool = True,
                    check_resources: bool = True, dashboard: bool = False) -> dict[str, Any]:
     """Run (or resume) every unfinished trial of ``job`` as Ray Tune trials."""
-    tracking = None
-    if track:
-        from .tracking import check_reachable, setup_job_tracking, tracking_uri_for
-
-        uri = tracking_uri_for(job, storage)
-        check_reachable(uri)
-    root = prepare_job_dir(job, storage)
+    root, uri = open_job(job, storage, track)
     startup_s = init_ray(address, dashboard)
     if check_resources:
         check_resources_fit(job.trials(), node_capacities())
-    if track:
-        tracking = setup_job_tracking(job, root, uri, ray_address=address)
-        echo(f"tracking: {uri} (experiment {job.tracking.experiment or job.name})")
+    tracking = start_tracking(job, root, uri, echo, ray_address=address)
     echo(f"job {job.name} ({job.spec_hash()}) -> {root}; Ray started in {startup_s:.1f}s")
     started = time.time()
     # Longest first: the serial IMP chain starts at once instead of after the short trials.
@@ -279,17 +270,13 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
     if pending:
         results = _tuner(job, root, pending, tracking, echo).fit()
         failed = [r.config.get("trial_id") for r in results if r.error is not None]
-    summaries = [read_result(root / "trials" / t.trial_id) for t in job.trials()]
-    summary = job_summary(job, [s for s in summaries if s is not None], time.time() - started)
-    summary["orchestration"] = orchestration_costs(summary, startup_s)
-    summary["failed_trials"] = failed
-    if tracking is not None:
-        summary["tracking"] = {"uri": tracking.uri, "experiment_id": tracking.experiment_id,
-                               "parent_run_id": tracking.parent_run_id}
-    write_json_atomic(root / "summary.json", summary)
-    if tracking is not None:
-        _close_tracking(tracking, root, "FAILED" if failed else "FINISHED", echo)
-    summary["job_dir"] = str(root)
+    results = [read_result(root / "trials" / t.trial_id) for t in job.trials()]
+    results = [r for r in results if r is not None]
+    driver_wall_s = time.time() - started
+    costs = orchestration_costs(results, driver_wall_s, startup_s)
+    summary = close_job(job, root, results, driver_wall_s, tracking, echo,
+                        "FAILED" if failed else "FINISHED",
+                        {"orchestration": costs, "failed_trials": failed})
     summary["report"] = make_report(root, echo) if not failed else None
     if failed:
         raise ClusterError(f"{len(failed)} trial(s) failed after retries: {', '.join(failed)}; "
@@ -297,12 +284,13 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
     return summary
 
 
-def orchestration_costs(summary: dict[str, Any], startup_s: float) -> dict[str, float]:
+def orchestration_costs(results: list[dict[str, Any]], driver_wall_s: float,
+                        startup_s: float) -> dict[str, float]:
     """This driver session's wall-clock vs the trials' own: what running them through Ray
     cost (trial process start-up, scheduling, reporting), Ray's own start-up apart."""
-    walls = [t["ledger"]["wall_clock_s"] for t in summary["trials"]]
+    walls = [t["ledger"]["wall_clock_s"] for t in results]
     critical = max(walls, default=0.0)
-    makespan = summary["driver_wall_s"]
+    makespan = driver_wall_s
     return {
         "ray_startup_s": round(startup_s, 3),
         "driver_wall_s": round(makespan, 3),
@@ -311,13 +299,3 @@ def orchestration_costs(summary: dict[str, Any], startup_s: float) -> dict[str, 
         "overhead_s": round(makespan - critical, 3),
         "overhead_fraction": round((makespan - critical) / critical, 4) if critical else 0.0,
     }
-
-
-def _close_tracking(tracking, root: Path, status: str, echo) -> None:
-    from .tracking import finish_job_tracking
-
-    try:
-        finish_job_tracking(tracking, root, status)
-    except Exception as err:
-        echo(f"could not close the parent run ({type(err).__name__}); run "
-             f"`ticketsearch sync {root}` once the tracking server is back")

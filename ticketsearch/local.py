@@ -59,6 +59,53 @@ def make_report(root: Path, echo: Callable[[str], None]) -> dict[str, Any] | Non
     return report
 
 
+def open_job(job: JobSpec, storage: str | Path | None, track: bool) -> tuple[Path, str | None]:
+    """Check the tracking store (before anything is written), then create the job directory.
+    Returns the directory and the tracking URI (None without tracking)."""
+    uri = None
+    if track:
+        from .tracking import check_reachable, tracking_uri_for
+
+        uri = tracking_uri_for(job, storage)
+        check_reachable(uri)
+    return prepare_job_dir(job, storage), uri
+
+
+def start_tracking(job: JobSpec, root: Path, uri: str | None, echo: Callable[[str], None],
+                   ray_address: str | None = None):
+    """Create (or find again) the job's MLflow runs; None without tracking."""
+    if uri is None:
+        return None
+    from .tracking import setup_job_tracking
+
+    tracking = setup_job_tracking(job, root, uri, ray_address=ray_address)
+    echo(f"tracking: {uri} (experiment {job.tracking.experiment or job.name}, "
+         f"parent run {tracking.parent_run_id})")
+    return tracking
+
+
+def close_job(job: JobSpec, root: Path, results: list[dict[str, Any]], driver_wall_s: float,
+              tracking, echo: Callable[[str], None], status: str = "FINISHED",
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``summary.json`` from the trials' results and close the parent run; a tracking
+    failure here never loses the results, which are on disk."""
+    summary = job_summary(job, results, driver_wall_s) | (extra or {})
+    if tracking is not None:
+        summary["tracking"] = {"uri": tracking.uri, "experiment_id": tracking.experiment_id,
+                               "parent_run_id": tracking.parent_run_id}
+    write_json_atomic(root / "summary.json", summary)
+    if tracking is not None:
+        from .tracking import finish_job_tracking
+
+        try:
+            finish_job_tracking(tracking, root, status)
+        except Exception as err:
+            echo(f"could not close the parent run ({type(err).__name__}); "
+                 f"run `ticketsearch sync {root}` once the tracking server is back")
+    summary["job_dir"] = str(root)
+    return summary
+
+
 def run_job_locally(job: JobSpec, storage: str | Path | None = None,
                     echo: Callable[[str], None] = print, track: bool = True) -> dict[str, Any]:
     """Run every unfinished trial of ``job`` in turn; return and write the job summary.
@@ -66,17 +113,8 @@ def run_job_locally(job: JobSpec, storage: str | Path | None = None,
     With ``track`` (the default) every trial is logged to MLflow (see ``tracking.py``); the
     tracking store is checked before anything runs.
     """
-    tracking = None
-    if track:
-        from .tracking import check_reachable, setup_job_tracking, tracking_uri_for
-
-        uri = tracking_uri_for(job, storage)
-        check_reachable(uri)  # before anything is written
-    root = prepare_job_dir(job, storage)
-    if track:
-        tracking = setup_job_tracking(job, root, uri)
-        echo(f"tracking: {uri} (experiment {job.tracking.experiment or job.name}, "
-             f"parent run {tracking.parent_run_id})")
+    root, uri = open_job(job, storage, track)
+    tracking = start_tracking(job, root, uri, echo)
     echo(f"job {job.name} ({job.spec_hash()}) -> {root}")
     started = time.time()
     datasets: dict[str, Any] = {}
@@ -105,19 +143,6 @@ def run_job_locally(job: JobSpec, storage: str | Path | None = None,
                  f"{trial_dir}, send them later with `ticketsearch sync {root}`")
         echo(f"{trial.name}: finished in {result.ledger.wall_clock_s:.1f}s, "
              f"{result.ledger.epochs()} epochs, {len(result.tickets)} tickets")
-    summary = job_summary(job, summaries, time.time() - started)
-    if tracking is not None:
-        summary["tracking"] = {"uri": tracking.uri, "experiment_id": tracking.experiment_id,
-                               "parent_run_id": tracking.parent_run_id}
-    write_json_atomic(root / "summary.json", summary)
-    if tracking is not None:
-        from .tracking import finish_job_tracking
-
-        try:
-            finish_job_tracking(tracking, root)
-        except Exception as err:  # the results are on disk; only the parent run stays open
-            echo(f"could not close the parent run ({type(err).__name__}); "
-                 f"run `ticketsearch sync {root}` once the tracking server is back")
-    summary["job_dir"] = str(root)
+    summary = close_job(job, root, summaries, time.time() - started, tracking, echo)
     summary["report"] = make_report(root, echo)
     return summary

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -765,11 +765,6 @@ class RetrainRun(_TrialRun):
 
     def stages(self) -> None:
         self.retrain_pending()
-
-
-def asdict_event(event) -> dict[str, Any]:
-    """An event as a plain dict (for JSON lines)."""
-    return asdict(event)
 
 
 def planned_epochs(trial) -> int:

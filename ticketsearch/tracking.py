@@ -50,10 +50,6 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def is_local_store(uri: str) -> bool:
-    return uri.startswith(("sqlite:", "file:", "/", "postgresql:", "mysql:"))
-
-
 def tracking_uri_for(job, storage: str | Path | None = None) -> str:
     """The spec's ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the
     storage folder (``<storage>/mlflow.db``)."""
