@@ -3,8 +3,8 @@
 Small datasets (digits, synthetic, mnist, cifar10, cifar100) are held whole as tensors on
 the device; an epoch is a device-side permutation plus a vectorised crop+flip, so the hot
 loop runs no per-example Python. ImageNet streams through torchvision's ImageFolder and a
-DataLoader. ``load_dataset(spec, device)`` is the single entry point; ``_LOADERS`` is the
-only place that knows dataset names.
+DataLoader. ``load_dataset(spec, device)`` is the single entry point; the dataset names and
+loader paths are written in ``catalog.DATASETS``, from which ``_LOADERS`` is derived.
 
 Randomness contract: ``train_batches`` draws everything it needs for the epoch from the
 caller's CPU ``torch.Generator`` at call time (before the first batch), so saving the
@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from . import catalog
 
 SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("val", "test")
@@ -769,13 +771,9 @@ def load_imagenet_dataset(spec: Any, device: torch.device) -> ImageFolderDataset
 # --------------------------------------------------------------------------- registry
 
 _LOADERS: dict[str, Callable[[Any, torch.device], Dataset]] = {
-    "digits": load_digits_dataset,
-    "synthetic": load_synthetic_dataset,
-    "mnist": load_mnist_dataset,
-    "cifar10": load_cifar10_dataset,
-    "cifar100": load_cifar100_dataset,
-    "imagenet": load_imagenet_dataset,
+    name: catalog.resolve(entry.loader) for name, entry in catalog.DATASETS.items()
 }
+"""One loader per ``catalog.DATASETS`` entry (the loaders live in this module)."""
 
 
 def dataset_names() -> list[str]:

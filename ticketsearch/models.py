@@ -1,11 +1,13 @@
-"""Model registry: the only place that knows model names.
+"""Model builders and the registry of them derived from ``catalog.MODELS``.
 
-Each registered model has a builder and a default set of masked layers (fnmatch patterns over
-``model.named_modules()`` names). ``create_model`` builds a model by name; ``masked_layer_names``
-resolves patterns to the concrete Conv2d/Linear modules whose ``.weight`` is masked or pruned.
+``catalog.MODELS`` holds each model's name, builder path, default masked layers (fnmatch
+patterns over ``model.named_modules()`` names) and description. ``create_model`` builds a model
+by name; ``masked_layer_names`` resolves patterns to the concrete Conv2d/Linear modules whose
+``.weight`` is masked or pruned.
 
-Models: ``mlp`` (LeNet-300-100), ``resnet20`` (CIFAR ResNet-20 with 1x1 conv shortcuts, no BN on
-the shortcut), ``vgg16`` (CIFAR VGG-16 with BN) and ``resnet50`` (torchvision, imported lazily).
+Builders here: LeNet-300-100 MLP, CIFAR ResNet-20 (1x1 conv shortcuts, no BN on the shortcut),
+CIFAR VGG-16 with BN, and torchvision's ResNet-50 (imported lazily).
+
 Every model takes ``activation`` (``relu`` by default, or ``silu``, ``mish``, ``elu``): the
 retraining recipes' activation swap. Activations carry no parameters, so the swap changes
 neither the parameter names and count nor the masked-layer set.
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import catalog
 
 __all__ = [
     "ACTIVATIONS",
@@ -306,34 +310,15 @@ def replace_relu_modules(model: nn.Module, activation: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, ModelInfo] = {
-    info.name: info
-    for info in (
-        ModelInfo(
-            name="mlp",
-            build=build_mlp,
-            masked_layers=("fc*",),
-            description="LeNet-300-100 MLP (fc1, fc2, fc3); any input shape, flattened",
-        ),
-        ModelInfo(
-            name="resnet20",
-            build=build_resnet20,
-            masked_layers=("conv1", "layer*.conv1", "layer*.conv2"),
-            description="CIFAR ResNet-20, 1x1 stride-2 conv shortcuts without BN; masks the 19 3x3 convs",
-        ),
-        ModelInfo(
-            name="vgg16",
-            build=build_vgg16,
-            masked_layers=("features.*",),
-            description="CIFAR VGG-16 with BN; masks the 13 convs",
-        ),
-        ModelInfo(
-            name="resnet50",
-            build=build_resnet50,
-            masked_layers=("conv1", "layer*.conv1", "layer*.conv2", "layer*.conv3"),
-            description="torchvision ResNet-50; masks the 49 convs except downsample shortcuts",
-        ),
+    entry.name: ModelInfo(
+        name=entry.name,
+        build=catalog.resolve(entry.builder),
+        masked_layers=entry.masked_layers,
+        description=entry.description,
     )
+    for entry in catalog.MODELS.values()
 }
+"""One ModelInfo per ``catalog.MODELS`` entry (the builders live in this module)."""
 
 
 def model_names() -> list[str]:
