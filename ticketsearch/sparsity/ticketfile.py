@@ -1,4 +1,4 @@
-"""On-disk format of a ticket (SPEC section 8): the artifact users keep.
+"""On-disk format of a ticket: the artifact users keep.
 
 A ticket is a directory holding three files:
 
