@@ -1,10 +1,12 @@
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from ticketsearch.data import load_dataset
-from ticketsearch.methods import Hooks
+from ticketsearch.hooks import Hooks
 from ticketsearch.spec import parse_job
 
 
@@ -64,3 +66,28 @@ class Recorder(Hooks):
 
     def save_checkpoint(self, state):
         self.checkpoints.append(copy.deepcopy(state))
+
+
+def read_events(trial_dir, kind: str = "epoch") -> list[dict]:
+    """All events of ``kind`` a trial logged to its ``events.jsonl``, in order."""
+    path = Path(trial_dir) / "events.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session: 2 CPUs and 1 logical GPU. Its workers can import the
+    test modules (as a user's own code on the cluster's path)."""
+    import os
+
+    import ray
+
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield ray
+    ray.shutdown()

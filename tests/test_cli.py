@@ -86,8 +86,8 @@ def test_validate_json_lists_six_resolved_trials(capsys):
     trials = json.loads(out)
     assert [t["trial_id"] for t in trials] == QUICKSTART_IDS
     assert [t["method"] for t in trials] == ["dense", "cs", "cs", "cs", "cs", "imp"]
-    assert [t["cs"]["mask_init"] for t in trials[1:5]] == QUICKSTART_S0
-    assert trials[5]["imp"]["rounds"] == 30
+    assert [t["settings"]["mask_init"] for t in trials[1:5]] == QUICKSTART_S0
+    assert trials[5]["settings"]["rounds"] == 30
     assert all(t["train"]["epochs_per_round"] == 85 for t in trials)
 
 
@@ -217,8 +217,8 @@ def test_run_prints_the_ticket_table_and_the_results_folder(tiny_run):
     assert status == 0, err
     assert "tickets (sparsity, val acc, test acc):" in out
     assert out.rstrip().endswith(f"results in {root}")
-    summary = json.loads((root / "summary.json").read_text())
-    for method, info in summary["methods"].items():
+    report = json.loads((root / "report" / "report.json").read_text())
+    for method, info in report["methods"].items():
         for ticket in info["tickets"]:
             line = f"{method:5s} {ticket['trial_id']}/{ticket['name']}: {ticket['sparsity']:.3f}"
             assert line in out

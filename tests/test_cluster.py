@@ -10,25 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_job_dict
+from conftest import read_events, tiny_job_dict
 
 from ticketsearch.cli import main
 from ticketsearch.cluster import ClusterError, check_resources_fit, run_job_on_ray
-from ticketsearch.jobdir import read_events, read_result
+from ticketsearch.jobdir import read_result
 from ticketsearch.spec import parse_job
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def quiet(_):
@@ -42,7 +32,7 @@ def test_sweep_of_four_cs_settings_and_an_imp_chain(ray_local, tmp_path):
     data["resources"] = {"cpus": 0.4}
     job = parse_job(data)
     summary = run_job_on_ray(job, storage=tmp_path, echo=quiet, track=False)
-    cs, imp = summary["methods"]["cs"], summary["methods"]["imp"]
+    cs, imp = summary["report"]["methods"]["cs"], summary["report"]["methods"]["imp"]
     assert cs["trials"] == 4 and len(cs["tickets"]) == 4
     assert [t["name"] for t in imp["tickets"]] == ["round-01", "round-02", "round-03"]
     assert cs["search_epochs"] == {"critical_path": 8, "total": 32}
@@ -193,8 +183,8 @@ def test_killed_driver_resumes_and_no_trial_runs_twice(tmp_path):
     for name, text in finished_before.items():
         assert (root / "trials" / name / "result.json").read_text() == text  # not run again
     imp = read_result(imp_dir)
-    assert imp["ledger"]["attempts"] == 2
-    assert imp["ledger"]["epochs"]["search"] == 80
+    assert imp.ledger.attempts == 2
+    assert imp.ledger.epochs["search"] == 80
     assert [e["step"] for e in read_events(imp_dir)] == list(range(90))
     summary = json.loads((root / "summary.json").read_text())
     assert len(summary["trials"]) == 3

@@ -10,9 +10,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import read_events
 
 from ticketsearch.data import load_dataset
-from ticketsearch.jobdir import TrialDirHooks, read_events
+from ticketsearch.jobdir import TrialDirHooks
 from ticketsearch.local import run_job_locally
 from ticketsearch.methods import run_trial
 from ticketsearch.spec import DataSpec, parse_job
@@ -75,21 +76,18 @@ def job_run(tmp_path_factory):
 
 def test_summary_costs_are_the_epochs_the_ledgers_recorded(job_run):
     _, summary, _, _ = job_run
-    methods = summary["methods"]
-    assert list(methods) == ["dense", "cs", "imp"]
-    none = {"critical_path": 0, "total": 0}
+    methods = summary["report"]["methods"]
+    assert list(methods) == ["cs", "imp"]
 
-    dense = methods["dense"]
+    dense = summary["report"]["dense"]
     assert dense["trials"] == 1
-    assert dense["dense_epochs"] == {"critical_path": E, "total": E}
-    assert dense["search_epochs"] == none and dense["retrain_epochs"] == none
-    assert dense["tickets"] == []
+    assert dense["epochs"] == {"critical_path": E, "total": E}
+    assert dense["source"] == "dense trials"
 
     cs = methods["cs"]
     assert cs["trials"] == len(CS_SETTINGS)
     assert cs["search_epochs"] == {"critical_path": 2 * E, "total": len(CS_SETTINGS) * 2 * E}
     assert cs["retrain_epochs"] == {"critical_path": E, "total": len(CS_SETTINGS) * E}
-    assert cs["dense_epochs"] == none
 
     imp = methods["imp"]
     assert imp["trials"] == 1
@@ -104,8 +102,8 @@ def test_summary_costs_are_the_epochs_the_ledgers_recorded(job_run):
 
 def test_cs_tickets_record_their_search_and_retraining(job_run):
     _, summary, _, _ = job_run
-    tickets = summary["methods"]["cs"]["tickets"]
-    assert [t["trial_id"] for t in tickets] == [
+    tickets = summary["report"]["methods"]["cs"]["tickets"]
+    assert sorted(t["trial_id"] for t in tickets) == [
         "cs-s0=-0.05-lam=1e-08-beta=200-seed=0", "cs-s0=0-lam=1e-08-beta=200-seed=0"]
     for ticket in tickets:
         assert ticket["name"] == "final"
@@ -121,7 +119,7 @@ def test_cs_tickets_record_their_search_and_retraining(job_run):
 
 def test_imp_ticket_sparsities_follow_the_pruning_schedule(job_run):
     _, summary, _, _ = job_run
-    tickets = sorted(summary["methods"]["imp"]["tickets"], key=lambda t: t["round"])
+    tickets = sorted(summary["report"]["methods"]["imp"]["tickets"], key=lambda t: t["round"])
     assert [t["name"] for t in tickets] == ["round-01", "round-02", "round-03"]
     for k, ticket in enumerate(tickets, start=1):
         expected = 1 - 0.8**k
@@ -156,7 +154,7 @@ def test_job_directory_holds_spec_summary_and_results(job_run):
     assert summary["job_dir"] == str(root)
     assert (root / "spec.yaml").is_file()
     on_disk = json.loads((root / "summary.json").read_text())
-    assert on_disk == {k: v for k, v in summary.items() if k not in ("job_dir", "report")}
+    assert on_disk == {k: v for k, v in summary.items() if k != "report"}
     for trial in job.trials():
         trial_dir = root / "trials" / trial.trial_id
         assert (trial_dir / "result.json").is_file()
@@ -174,8 +172,8 @@ def test_rerunning_the_job_skips_every_finished_trial(job_run):
     assert not any(line.endswith(": started") for line in lines)
     assert again["job_dir"] == summary["job_dir"]
     assert again["trials"] == summary["trials"]
-    for method in summary["methods"]:
-        assert again["methods"][method]["tickets"] == summary["methods"][method]["tickets"]
+    for method in summary["report"]["methods"]:
+        assert again["report"]["methods"][method]["tickets"] == summary["report"]["methods"][method]["tickets"]
     assert {p: p.read_bytes() for p in root.glob("trials/*/events.jsonl")} == events_before
 
 

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from conftest import Recorder, tiny_job_dict, tiny_trial
 from torch import nn
 
+from ticketsearch.hooks import Hooks
 from ticketsearch.local import run_job_locally
-from ticketsearch.methods import CSRun, Hooks, planned_epochs, run_trial
+from ticketsearch.methods import TrialRun, planned_epochs, run_trial
 from ticketsearch.models import create_model, masked_layer_names, model_info, replace_relu_modules
 from ticketsearch.recipes import (
     cutmix,
@@ -209,7 +210,7 @@ def retrained(digits):
     """One CS ticket retrained under vanilla and a tweaked recipe, plus the default run."""
     trial = tiny_trial("cs", {"rounds": 1}, retrain={"recipes": ["vanilla", TWEAKED]})
     hooks = Recorder()
-    run = CSRun(trial, digits, hooks)
+    run = TrialRun(trial, digits, hooks)
     result = run.run()
     plain = run_trial(tiny_trial("cs", {"rounds": 1}), digits)
     return trial, run, result, hooks, plain
@@ -267,7 +268,7 @@ def test_retraining_resumes_inside_the_second_recipe(retrained, digits):
         def load_checkpoint(self):
             return mid
 
-    resumed = CSRun(trial, digits, Resume()).run()
+    resumed = TrialRun(trial, digits, Resume()).run()
     assert resumed.tickets[0].meta["recipes"] == reference.tickets[0].meta["recipes"]
     assert resumed.ledger.epochs("retrain") == 8
 
@@ -314,10 +315,10 @@ def test_recipes_ablation_preset_runs_every_recipe_cut_down(tmp_path):
 
 def test_rigl_preset_targets_the_ticket_sparsities_and_runs_cut_down(tmp_path):
     full = load_job(JOBS / "rigl-resnet20-cifar10.yaml")
-    sparsities = sorted({t.rigl.sparsity for t in full.trials() if t.method == "rigl"})
+    sparsities = sorted({t.settings.sparsity for t in full.trials() if t.method == "rigl"})
     imp_rounds = [1, 3, 5, 7, 10, 13, 20]
     assert sparsities == pytest.approx([1 - 0.8**k for k in imp_rounds], abs=5e-4)
-    assert {t.rigl.distribution for t in full.trials() if t.method == "rigl"} == {"uniform", "erk"}
+    assert {t.settings.distribution for t in full.trials() if t.method == "rigl"} == {"uniform", "erk"}
     job = load_job(JOBS / "rigl-resnet20-cifar10.yaml",
                    [*SMALL, "methods.dense=null", "methods.rigl.sweep.sparsity=[0.9]",
                     "methods.rigl.update_interval=1"])

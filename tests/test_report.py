@@ -7,15 +7,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from ticketsearch.analysis import REPORT_SCHEMA, build_report, frontier_comparison, pareto_front
 from ticketsearch.cli import main
 from ticketsearch.local import run_job_locally
-from ticketsearch.report import (
-    REPORT_SCHEMA,
-    build_report,
-    frontier_comparison,
-    pareto_front,
-    record_from_job_dir,
-)
+from ticketsearch.report import record_from_job_dir
 from ticketsearch.spec import load_job
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -137,21 +132,26 @@ def test_paper_presets_run_cut_down_on_synthetic_data(preset, tmp_path):
     ]
     job = load_job(JOBS / preset, overrides)
     summary = run_job_locally(job, storage=tmp_path, echo=lambda _: None, track=False)
-    assert summary["methods"]["cs"]["search_epochs"]["critical_path"] == 2
-    assert summary["methods"]["imp"]["search_epochs"]["critical_path"] == 2
-    assert len(summary["methods"]["imp"]["tickets"]) == 2
+    methods = summary["report"]["methods"]
+    assert methods["cs"]["search_epochs"]["critical_path"] == 2
+    assert methods["imp"]["search_epochs"]["critical_path"] == 2
+    assert len(methods["imp"]["tickets"]) == 2
     assert summary["report"] is not None
 
 
 def test_recipe_comparison_lists_each_recipe_against_the_primary():
-    from ticketsearch.report import recipe_comparison
+    from types import SimpleNamespace
+
+    from ticketsearch.analysis import recipe_comparison
+    from ticketsearch.records import TicketRecord
 
     ticket = {"name": "final", "sparsity": 0.8, "recipe": "vanilla",
-              "recipes": {"vanilla": {"val_acc": 0.9, "test_acc": 0.90},
-                          "mixup": {"val_acc": 0.91, "test_acc": 0.93}}}
+              "recipes": {"vanilla": {"val_acc": 0.9, "test_acc": 0.90, "retrain_epochs": 4},
+                          "mixup": {"val_acc": 0.91, "test_acc": 0.93, "retrain_epochs": 4}}}
     single = {"name": "round-01", "sparsity": 0.2, "recipe": "vanilla",
-              "recipes": {"vanilla": {"val_acc": 0.9, "test_acc": 0.9}}}
-    rows = recipe_comparison([{"method": "cs", "trial_id": "t", "tickets": [ticket, single]}])
+              "recipes": {"vanilla": {"val_acc": 0.9, "test_acc": 0.9, "retrain_epochs": 4}}}
+    tickets = [TicketRecord.model_validate(t) for t in (ticket, single)]
+    rows = recipe_comparison([SimpleNamespace(method="cs", trial_id="t", tickets=tickets)])
     assert [(r["recipe"], r["primary"]) for r in rows] == [("mixup", False), ("vanilla", True)]
     assert rows[0]["test_acc_delta"] == pytest.approx(0.03)
     assert rows[1]["test_acc_delta"] == 0.0

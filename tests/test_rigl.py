@@ -12,8 +12,9 @@ import torch
 from conftest import tiny_job_dict, tiny_trial
 from torch import nn
 
+from ticketsearch.hooks import Hooks
 from ticketsearch.local import run_job_locally
-from ticketsearch.methods import Hooks, RigLRun, planned_epochs, run_trial
+from ticketsearch.methods import TrialRun, planned_epochs, run_trial
 from ticketsearch.sparsity import rigl
 from ticketsearch.sparsity.masks import (
     add_binary_masks,
@@ -219,7 +220,7 @@ def rigl_run(digits):
     mp = pytest.MonkeyPatch()
     mp.setattr(rigl, "apply_update", recording)
     try:
-        run = RigLRun(trial, digits, hooks)
+        run = TrialRun(trial, digits, hooks)
         result = run.run()
     finally:
         mp.undo()
@@ -283,7 +284,7 @@ def test_rigl_resumes_from_a_checkpoint_exactly(rigl_run, digits):
         def load_checkpoint(self):
             return mid
 
-    resumed = RigLRun(trial, digits, Resume()).run()
+    resumed = TrialRun(trial, digits, Resume()).run()
     (a,), (b,) = resumed.tickets, reference.tickets
     assert a.meta["test_acc"] == b.meta["test_acc"]
     assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
@@ -307,8 +308,8 @@ def test_rigl_spec_sweep_and_trial_ids():
         "rigl-uniform-s=0.5-seed=0", "rigl-erk-s=0.5-seed=0",
         "rigl-uniform-s=0.9-seed=0", "rigl-erk-s=0.9-seed=0"]
     trial = job.trials()[0]
-    assert trial.method == "rigl" and trial.rigl.update_interval == 100
-    assert trial.rigl.end_fraction == 0.75 and trial.rigl.drop_fraction == 0.3
+    assert trial.method == "rigl" and trial.settings.update_interval == 100
+    assert trial.settings.end_fraction == 0.75 and trial.settings.drop_fraction == 0.3
     with pytest.raises(SpecError) as error:
         parse_job(tiny_job_dict(rigl={"sweep": {"sparsity": [0.5, 1.0]},
                                       "end_fraction": 0, "update_interval": 0}))

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
+from ticketsearch.methods.cs import CSSpec
+from ticketsearch.methods.imp import IMPSpec
 from ticketsearch.spec import (
-    CSSpec,
     DataSpec,
-    IMPSpec,
     JobSpec,
     SpecError,
     TrainSpec,
@@ -52,7 +52,7 @@ def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
 
 def test_defaults_match_the_spec_values() -> None:
     job = parse_job({"name": "job", "methods": {"cs": {}, "imp": {}, "dense": {}}})
-    cs, imp, train = job.methods.cs, job.methods.imp, job.train
+    cs, imp, train = job.methods["cs"], job.methods["imp"], job.train
     assert (cs.lambda_, cs.beta_final, cs.mask_init, cs.rounds) == (1e-8, 200.0, 0.0, 5)
     assert (cs.beta_schedule, cs.soft_reset, cs.seed, cs.sweep) == ("epoch", "scaled", 0, {})
     assert (imp.rounds, imp.prune_fraction, imp.scope, imp.rewind_between_rounds) == (
@@ -89,7 +89,7 @@ def test_lambda_accepts_alias_and_field_name_and_numeric_strings() -> None:
     assert CSSpec(lambda_=3e-8).lambda_ == 3e-8
     # PyYAML reads "1e-7" (no dot) as a string; it must still become a float.
     assert (
-        parse_job(yaml.safe_load("name: j\nmethods: {cs: {lambda: 1e-7}}")).methods.cs.lambda_
+        parse_job(yaml.safe_load("name: j\nmethods: {cs: {lambda: 1e-7}}")).methods["cs"].lambda_
         == 1e-7
     )
 
@@ -353,11 +353,11 @@ def test_trials_carry_resolved_settings() -> None:
     trials = grid_job().trials()
     cs = trials[6]
     assert isinstance(cs, TrialSpec)
-    assert (cs.cs.lambda_, cs.cs.mask_init, cs.cs.seed, cs.seed) == (5e-8, -0.1, 1, 1)
-    assert cs.cs.sweep == {} and cs.imp is None and cs.job_name == "grid"
+    assert (cs.settings.lambda_, cs.settings.mask_init, cs.settings.seed, cs.seed) == (5e-8, -0.1, 1, 1)
+    assert cs.settings.sweep == {} and cs.method == "cs" and cs.job_name == "grid"
     imp_c = trials[10]
-    assert imp_c.imp.rewind_between_rounds is False and imp_c.imp.sweep == {} and imp_c.cs is None
-    assert trials[0].seed == 3 and trials[0].cs is None and trials[0].imp is None
+    assert imp_c.settings.rewind_between_rounds is False and imp_c.settings.sweep == {}
+    assert trials[0].seed == 3 and trials[0].method == "dense"
     assert TrialSpec.model_validate(cs.model_dump(mode="json", by_alias=True)) == cs
 
 
@@ -375,8 +375,8 @@ def test_sweep_values_are_coerced_and_ordered_by_axis() -> None:
     job = parse_job(
         {"name": "j", "methods": {"cs": {"sweep": {"seed": [1], "lambda": ["1e-7", 0]}}}}
     )
-    assert job.methods.cs.sweep == {"lambda": [1e-7, 0.0], "seed": [1]}
-    assert list(job.methods.cs.sweep) == ["lambda", "seed"]
+    assert job.methods["cs"].sweep == {"lambda": [1e-7, 0.0], "seed": [1]}
+    assert list(job.methods["cs"].sweep) == ["lambda", "seed"]
 
 
 # ------------------------------------------------------------------ hash, schema, I/O
@@ -422,7 +422,7 @@ def test_dump_then_load_round_trips(tmp_path: Path) -> None:
 def test_load_job_reads_yaml(tmp_path: Path) -> None:
     path = write(tmp_path, "name: smoke\nmethods:\n  dense: {}\n  cs:\n    lambda: 1e-7\n")
     job = load_job(str(path))
-    assert job.name == "smoke" and job.methods.cs.lambda_ == 1e-7 and job.methods.imp is None
+    assert job.name == "smoke" and job.methods["cs"].lambda_ == 1e-7 and "imp" not in job.methods
 
 
 # ------------------------------------------------------------------ overrides
@@ -441,8 +441,8 @@ def test_overrides_set_values_and_create_mappings(tmp_path: Path) -> None:
         ],
     )
     assert job.data.dataset == "synthetic"
-    assert job.methods.cs.sweep == {"mask_init": [-0.1, 0.0]}
-    assert job.methods.dense is None and job.train.batch_size == 32
+    assert job.methods["cs"].sweep == {"mask_init": [-0.1, 0.0]}
+    assert "dense" not in job.methods and job.train.batch_size == 32
     assert job.description == "a b=c"
 
 

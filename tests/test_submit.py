@@ -24,6 +24,7 @@ from ticketsearch.submit import (
     build_entrypoint,
     check_storage,
     find_token,
+    follow_logs,
     job_info,
     job_logs,
     job_status,
@@ -31,7 +32,6 @@ from ticketsearch.submit import (
     stop_job,
     submission_id,
     submit_job,
-    wait_for_job,
 )
 
 JOB_TIMEOUT_S = 120.0
@@ -227,5 +227,6 @@ def test_stop_ends_a_running_job(cluster, clean_env, job_file, tmp_path):
                                                     "train.lr_milestones=[400]"],
                         storage=str(tmp_path / "runs"), extra_args=["--no-tracking"])
     assert stop_job(cluster.address, job_id) is True
-    assert wait_for_job(cluster.address, job_id, timeout_s=30, poll_s=0.5) == "STOPPED"
+    assert follow_logs(cluster.address, job_id, lambda _: None, timeout_s=30,
+                       poll_s=0.5) == "STOPPED"
     assert stop_job(cluster.address, job_id) is False

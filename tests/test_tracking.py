@@ -164,7 +164,7 @@ def test_journal_keeps_operations_in_order_until_the_store_answers(tmp_path, mon
         sent.append(op["items"][0]["values"]["x"])
 
     monkeypatch.setattr(tracking.RunLogger, "_apply", apply)
-    monkeypatch.setattr(tracking, "_client", lambda uri: None)
+    monkeypatch.setattr(tracking, "client_for", lambda uri: None)
     monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.0)
     logger = tracking.RunLogger("http://unused", "run", tmp_path / "journal.jsonl")
     for x in range(3):

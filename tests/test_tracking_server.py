@@ -21,11 +21,10 @@ from servers import MlflowServer, free_port, run_trial_worker
 import ticketsearch
 from ticketsearch import cli, tracking
 from ticketsearch.data import load_dataset
-from ticketsearch.jobdir import TrialDirHooks, read_result, write_json_atomic
-from ticketsearch.local import prepare_job_dir
+from ticketsearch.job import JobRun
+from ticketsearch.jobdir import TrialDirHooks, read_result
 from ticketsearch.methods import run_trial
 from ticketsearch.spec import parse_job
-from ticketsearch.summary import job_summary
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +35,21 @@ TRAIN = {"epochs_per_round": 3, "lr_milestones": [2], "rewind_epoch": 1,
 WORKER_TIMEOUT_S = 180
 
 
-def job_of(name: str, **methods):
-    """A tiny digits + mlp [32, 16] job, 3 epochs per round."""
+def job_of(name: str, uri: str | None = None, **methods):
+    """A tiny digits + mlp [32, 16] job, 3 epochs per round, tracked at ``uri``."""
     data = tiny_job_dict(**methods)
     data["name"] = name
     data["train"] = TRAIN
+    if uri:
+        data["tracking"] = {"uri": uri}
     return parse_job(data)
+
+
+def open_job(job, storage: Path) -> JobRun:
+    """The driver's start of a job: its directory and MLflow runs."""
+    run = JobRun(job, storage, echo=lambda _: None)
+    run.open()
+    return run
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +86,7 @@ def step_values(client, run_id: str, key: str) -> list[int]:
 
 def ledger_epochs(trial_dir: Path) -> int:
     """Epochs a finished trial trained, from its result.json."""
-    return read_result(trial_dir)["ledger"]["epochs"]["total"]
+    return read_result(trial_dir).ledger.epochs["total"]
 
 
 # --------------------------------------------------------------- 8 concurrent trials
@@ -124,18 +132,13 @@ def run_workers(job, job_dir: Path, jt: tracking.JobTracking) -> dict[str, tuple
 def concurrent_job(shared_server, tmp_path_factory):
     """The driver flow of a distributed run: job directory and runs first, then 8 trials in
     8 processes at the same time, then the job summary and the parent run closed."""
-    job = job_of("server-sweep", cs={"rounds": 2, "sweep": {"mask_init": MASK_INITS,
-                                                            "seed": SEEDS}})
-    job_dir = prepare_job_dir(job, tmp_path_factory.mktemp("storage"))
-    jt = tracking.setup_job_tracking(job, job_dir, shared_server.uri)
-    started = time.time()
-    outcome = run_workers(job, job_dir, jt)
-    summaries = [read_result(job_dir / "trials" / t.trial_id) for t in job.trials()]
-    if all(summaries):
-        write_json_atomic(job_dir / "summary.json",
-                          job_summary(job, summaries, time.time() - started))
-        tracking.finish_job_tracking(jt, job_dir)
-    return job, job_dir, jt, outcome
+    job = job_of("server-sweep", shared_server.uri,
+                 cs={"rounds": 2, "sweep": {"mask_init": MASK_INITS, "seed": SEEDS}})
+    run = open_job(job, tmp_path_factory.mktemp("storage"))
+    outcome = run_workers(job, run.root, run.tracker)
+    if not run.unfinished():
+        run.close()
+    return job, run.root, run.tracker, outcome
 
 
 def test_eight_concurrent_trials_each_finish_their_own_child_run(concurrent_job):
@@ -214,20 +217,19 @@ def epoch_steps(ops: list[dict]) -> list[int]:
             if "train_loss" in item["values"]]
 
 
-def tracked_trial(job, storage: Path, uri: str):
+def tracked_trial(job, storage: Path):
     """Job directory and runs of a one-trial job: (trial, trial_dir, JobTracking)."""
-    job_dir = prepare_job_dir(job, storage)
-    jt = tracking.setup_job_tracking(job, job_dir, uri)
+    run = open_job(job, storage)
     (trial,) = job.trials()
-    return trial, job_dir / "trials" / trial.trial_id, jt
+    return trial, run.trial_dir(trial), run.tracker
 
 
 def test_a_server_restarted_mid_trial_receives_every_epoch(own_server, tmp_path, digits,
                                                            monkeypatch):
     monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.0)
     own_server.start()
-    trial, trial_dir, jt = tracked_trial(job_of("outage-mid", cs={"rounds": 2}),
-                                         tmp_path / "storage", own_server.uri)
+    trial, trial_dir, jt = tracked_trial(job_of("outage-mid", own_server.uri, cs={"rounds": 2}),
+                                         tmp_path / "storage")
     run_id = jt.trial_runs[trial.trial_id]
     hooks = OutageHooks(TrialDirHooks(trial_dir), jt.uri, run_id, own_server, stop_at=2)
     result = run_trial(trial, digits, hooks)
@@ -247,8 +249,8 @@ def test_a_server_restarted_mid_trial_receives_every_epoch(own_server, tmp_path,
 
 def test_a_trial_that_ends_while_the_server_is_down_is_sent_by_sync(shared_server, tmp_path,
                                                                      digits, capsys):
-    trial, trial_dir, jt = tracked_trial(job_of("outage-end", cs={"rounds": 1}),
-                                         tmp_path / "storage", shared_server.uri)
+    trial, trial_dir, jt = tracked_trial(job_of("outage-end", shared_server.uri,
+                                                cs={"rounds": 1}), tmp_path / "storage")
     run_id = jt.trial_runs[trial.trial_id]
     shared_server.stop()
     try:

@@ -18,7 +18,7 @@ EXIT_USAGE = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .cluster import ClusterError
     from .data import DatasetError
-    from .methods import CheckpointError
+    from .hooks import CheckpointError
     from .models import ModelError
     from .report import ReportError
     from .sparsity.ticketfile import TicketFormatError
@@ -49,7 +49,7 @@ def _job_dir_arg(job: str, storage: str) -> Path:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report, format_table, record_from_mlflow, report_job, write_report
+    from .report import build_report, format_summary, record_from_mlflow, report_job, write_report
 
     if args.job:
         job_dir = _job_dir_arg(args.job, args.storage)
@@ -65,10 +65,10 @@ def cmd_report(args) -> int:
         out = Path(args.out or f"report-{record.name}")
         write_report(report, out)
         if not args.no_log:
-            from .tracking import _client
+            from .tracking import client_for
 
-            _client(uri).log_artifacts(record.parent_run_id, str(out), "report")
-    print(format_table(report))
+            client_for(uri).log_artifacts(record.tracking["parent_run_id"], str(out), "report")
+    print(format_summary(report))
     print(f"report written to {out}")
     return 0
 
@@ -77,14 +77,21 @@ def cmd_resume(args) -> int:
     """Resume a job from its directory (``<storage>/<job>-<hash>``), by id or path."""
     from .cluster import run_job_on_ray
     from .spec import load_job
-    from .summary import format_summary
 
     folder = _job_dir_arg(args.job_id, args.storage)
     job = load_job(folder / "spec.yaml")
-    summary = run_job_on_ray(job, storage=folder.parent, address=args.address,
+    outcome = run_job_on_ray(job, storage=folder.parent, address=args.address,
                              track=not args.no_tracking)
-    print(format_summary(summary))
-    print(f"results in {summary['job_dir']}")
+    return _print_outcome(outcome)
+
+
+def _print_outcome(outcome: dict) -> int:
+    """The job's summary (rendered from its report) and where its results are."""
+    from .report import format_summary
+
+    if outcome["report"] is not None:
+        print(format_summary(outcome["report"]))
+    print(f"results in {outcome['job_dir']}")
     return 0
 
 
@@ -113,23 +120,20 @@ def cmd_schema(args) -> int:
 
 def cmd_run(args) -> int:
     from .spec import load_job
-    from .summary import format_summary
 
     job = load_job(args.job, args.overrides)
     if args.in_process:
         from .local import run_job_locally
 
-        summary = run_job_locally(job, storage=args.storage, track=not args.no_tracking)
+        outcome = run_job_locally(job, storage=args.storage, track=not args.no_tracking)
     else:
         from .cluster import run_job_on_ray
 
-        summary = run_job_on_ray(job, storage=args.storage, address=args.address,
+        outcome = run_job_on_ray(job, storage=args.storage, address=args.address,
                                  track=not args.no_tracking,
                                  check_resources=not args.skip_resource_check,
                                  dashboard=args.dashboard)
-    print(format_summary(summary))
-    print(f"results in {summary['job_dir']}")
-    return 0
+    return _print_outcome(outcome)
 
 
 def _store_uri(args) -> str:
@@ -275,6 +279,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class _TicketMethods:
+    """argparse choices: the registered methods that make tickets, read from the registry only
+    when a choice is checked or listed (so the command starts without importing torch)."""
+
+    def _names(self) -> list[str]:
+        from .methods import methods
+
+        return [m.name for m in methods() if m.makes_tickets]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ticketsearch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -348,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     tickets = sub.add_parser("tickets", help="list tickets logged to MLflow")
     store_args(tickets)
     tickets.add_argument("--job", help="only this job (experiment name)")
-    tickets.add_argument("--method", choices=["cs", "imp", "rigl"], help="only this method")
+    tickets.add_argument("--method", choices=_TicketMethods(), metavar="METHOD",
+                         help="only the tickets of this method (any registered method that makes "
+                         "tickets)")
     tickets.add_argument("--min-sparsity", type=float, default=0.0)
     tickets.add_argument("--json", action="store_true")
     tickets.set_defaults(func=cmd_tickets)

@@ -1,12 +1,13 @@
-"""Ray orchestration: one Ray Tune trial per CS setting / IMP chain / dense baseline.
+"""The Ray executor: one Ray Tune trial per trial of the job (CS setting, IMP chain, dense
+baseline, ...), on a local Ray or a cluster.
 
-The driver prepares the job directory and the MLflow runs, starts (or joins) Ray, refuses
-resource requests no node can satisfy, and runs a ``Tuner`` whose trials are the job's
-trials. Each trial is a thin function: it rebuilds its ``TrialSpec``, trains through the
-pure-PyTorch runner, and reports through ``RayTrialHooks`` — per-epoch results to Tune;
-checkpoints, events, tickets and results into its trial directory (resumed from after a
-worker failure, or after a driver failure once ``Tuner.restore`` restarts the trial) — and
-metrics to MLflow.
+The driver runs the job lifecycle (``job.py``): it checks the tracking store, starts (or joins)
+Ray, refuses resource requests no node can satisfy, opens the job, and runs a ``Tuner`` over
+the unfinished trials, longest first. Each Tune trial receives its own ``TrialSpec`` (as JSON
+in its config) and the tracker, and runs the job's single per-trial body
+(``job.run_one_trial``) with one more progress sink: every epoch is reported to Tune. A trial
+resumes from the checkpoint in its trial directory after a worker failure, or after a driver
+failure once ``Tuner.restore`` restarts it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .jobdir import TrialDirHooks, read_result
-from .local import close_job, make_report, open_job, start_tracking
-from .methods import EpochEvent, planned_epochs, run_trial
-from .spec import JobSpec, parse_job
+from .hooks import EpochEvent
+from .job import JobRun, run_one_trial
+from .jobdir import read_result
+from .spec import JobSpec
 
 PROGRESS_EVERY_S = 10.0
 
@@ -34,69 +33,61 @@ class ClusterError(RuntimeError):
 # --- inside a trial ---------------------------------------------------------------------------
 
 
-class RayTrialHooks(TrialDirHooks):
-    """Trial-directory hooks that also report every epoch to Tune as a result.
+def tune_reporter(planned: int) -> Callable[[Any], None]:
+    """A progress sink reporting every epoch to Tune as a result.
 
-    Checkpoints stay in the trial directory (``checkpoint.pt``, on storage every node sees),
-    not in Tune's checkpoint store: a retried trial and a trial restored after the driver died
-    both resume from it. (Tune prunes old checkpoints while its experiment snapshot can still
-    point at them, so a driver killed at the wrong moment left a snapshot that could not be
-    restored.)
-    """
+    (Checkpoints stay in the trial directory, on storage every node sees, not in Tune's
+    checkpoint store: Tune prunes old checkpoints while its experiment snapshot can still
+    point at them, so a driver killed at the wrong moment left a snapshot it could not
+    restore.)"""
+    from ray import tune
 
-    def __init__(self, trial_dir: Path, planned: int):
-        super().__init__(trial_dir)
-        self.planned = planned
+    def report(event) -> None:
+        if isinstance(event, EpochEvent):
+            tune.report({"step": event.step + 1, "epochs_planned": planned,
+                         "phase": event.phase, **event.metrics()})
 
-    def epoch_end(self, event: EpochEvent) -> None:
-        from ray import tune
-
-        super().epoch_end(event)
-        tune.report({"step": event.step + 1, "epochs_planned": self.planned,
-                     "phase": event.phase, **event.metrics()})
+    return report
 
 
 def _configure_torch(trial) -> None:
     """Threads = the CPUs Ray gave the trial; a memory cap when a GPU is shared."""
+    import torch
+
     torch.set_num_threads(max(1, int(trial.resources.cpus)))
     gpus = trial.resources.gpus
     if 0 < gpus < 1 and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(gpus)
 
 
-def trial_function(config: dict[str, Any], job_data: dict[str, Any], job_dir: str,
-                   tracking: dict[str, Any] | None) -> None:
-    """The Tune trainable: run (or resume) one trial of the job."""
+def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict) -> None:
+    """The Tune trainable: run (or resume) the one trial its config carries.
+
+    ``methods`` are the registry entries of the job's methods (unpickling them imports their
+    modules here); entries this worker does not know yet are registered."""
     from ray import tune
 
-    from .data import load_dataset
-    from .training import resolve_device
+    from .methods import method_names, planned_epochs, register
+    from .spec import TrialSpec
 
-    job = parse_job(job_data)
-    trial = next(t for t in job.trials() if t.trial_id == config["trial_id"])
-    trial_dir = Path(job_dir) / "trials" / trial.trial_id
-    done = read_result(trial_dir)
+    for method in methods.values():
+        if method.name not in method_names():
+            register(method)
+    trial = TrialSpec.model_validate_json(config["trial"]["spec"])
+    root = Path(job_dir)
+    done = read_result(root / "trials" / trial.trial_id)
     if done is not None:  # finished by an earlier attempt of this job
-        tune.report({"step": done["ledger"]["epochs"]["total"], "done": True})
+        tune.report({"step": done.ledger.epochs["total"], "done": True})
         return
     _configure_torch(trial)
+    trial_dir = root / "trials" / trial.trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "worker.pid").write_text(str(os.getpid()))
-    dir_hooks = RayTrialHooks(trial_dir, planned_epochs(trial))
-    hooks = dir_hooks
-    if tracking is not None:
-        from .tracking import MlflowHooks
-
-        hooks = MlflowHooks(dir_hooks, tracking["uri"], tracking["trial_runs"][trial.trial_id])
-    data = load_dataset(trial.data, resolve_device(trial.train.device))
-    result = run_trial(trial, data, hooks)
-    summary = dir_hooks.write_result(result)
-    if tracking is not None:
-        hooks.finish(result)
-    ledger = summary["ledger"]
-    tune.report({"step": ledger["epochs"]["total"], "epochs_planned": dir_hooks.planned,
-                 "phase": "done", "done": True, "tickets": len(result.tickets),
-                 "wall_clock_s": ledger["wall_clock_s"]})
+    planned = planned_epochs(trial)
+    record, _ = run_one_trial(trial, root, tracker, progress=tune_reporter(planned))
+    tune.report({"step": record.ledger.epochs["total"], "epochs_planned": planned,
+                 "phase": "done", "done": True, "tickets": len(record.tickets),
+                 "wall_clock_s": record.ledger.wall_clock_s})
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -199,28 +190,33 @@ def make_progress(names: dict[str, str], echo: Callable[[str], None]):
             self.printer = ProgressPrinter(names, echo)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.printer.result(trial.config["trial_id"], result)
+            self.printer.result(_trial_id(trial), result)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.printer.complete(trial.config["trial_id"], trial.last_result or {})
+            self.printer.complete(_trial_id(trial), trial.last_result or {})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.printer.error(trial.config["trial_id"])
+            self.printer.error(_trial_id(trial))
 
     return _Callback()
 
 
-def _tuner(job: JobSpec, root: Path, pending: list[str], tracking, echo):
+def _trial_id(trial) -> str:
+    """The job's trial id of a Tune trial (also its Tune name and folder name)."""
+    return trial.config["trial"]["trial_id"]
+
+
+def _tuner(run: JobRun, pending: list, echo):
     from ray import tune
 
-    trainable = tune.with_parameters(
-        trial_function, job_data=job.model_dump(mode="json", by_alias=True),
-        job_dir=str(root.resolve()), tracking=None if tracking is None else tracking.__dict__,
-    )
-    resources = {t.trial_id: t.resources for t in job.trials()}
+    from .methods import get_method
+
+    methods = {name: get_method(name) for name in run.spec.methods}
+    trainable = tune.with_parameters(trial_function, job_dir=str(run.root.resolve()),
+                                     tracker=run.tracker, methods=methods)
+    resources = {t.trial_id: t.resources for t in run.trials}
     trainable = tune.with_resources(trainable, _resource_request(resources))
-    names = {t.trial_id: t.name for t in job.trials()}
-    storage = str((root / "ray").resolve())
+    storage = str((run.root / "ray").resolve())
     path = Path(storage) / "tune"
     if tune.Tuner.can_restore(str(path)):
         echo(f"resuming the Ray Tune experiment in {path}")
@@ -228,12 +224,15 @@ def _tuner(job: JobSpec, root: Path, pending: list[str], tracking, echo):
                                   resume_errored=True)
     run_config = tune.RunConfig(
         name="tune", storage_path=storage, verbose=0,
-        failure_config=tune.FailureConfig(max_failures=job.resources.max_failures),
-        callbacks=[make_progress(names, echo)],
+        failure_config=tune.FailureConfig(max_failures=run.spec.resources.max_failures),
+        callbacks=[make_progress({t.trial_id: t.name for t in run.trials}, echo)],
     )
+    configs = [{"trial_id": t.trial_id, "spec": t.to_json()} for t in pending]
     # Reusing trial actors saves each trial's process start-up and imports (~7 s here).
-    return tune.Tuner(trainable, param_space={"trial_id": tune.grid_search(pending)},
-                      tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True),
+    return tune.Tuner(trainable, param_space={"trial": tune.grid_search(configs)},
+                      tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True,
+                                                  trial_name_creator=_trial_id,
+                                                  trial_dirname_creator=_trial_id),
                       run_config=run_config)
 
 
@@ -243,7 +242,7 @@ def _resource_request(resources: dict[str, Any]) -> Callable[[dict], dict]:
     from ray import tune
 
     def request(config: dict):
-        spec = resources[config["trial_id"]]
+        spec = resources[config["trial"]["trial_id"]]
         bundle = {"CPU": spec.cpus}
         if spec.gpus:
             bundle["GPU"] = spec.gpus
@@ -255,47 +254,23 @@ def _resource_request(resources: dict[str, Any]) -> Callable[[dict], dict]:
 def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str | None = None,
                    echo: Callable[[str], None] = print, track: bool = True,
                    check_resources: bool = True, dashboard: bool = False) -> dict[str, Any]:
-    """Run (or resume) every unfinished trial of ``job`` as Ray Tune trials."""
-    root, uri = open_job(job, storage, track)
+    """Run (or resume) every unfinished trial of ``job`` as Ray Tune trials; returns the job
+    record (as JSON, with ``job_dir`` and ``report``)."""
+    from .methods import planned_epochs
+
+    run = JobRun(job, storage, track, echo)
     startup_s = init_ray(address, dashboard)
     if check_resources:
-        check_resources_fit(job.trials(), node_capacities())
-    tracking = start_tracking(job, root, uri, echo, ray_address=address)
-    echo(f"job {job.name} ({job.spec_hash()}) -> {root}; Ray started in {startup_s:.1f}s")
-    started = time.time()
+        check_resources_fit(run.trials, node_capacities())
+    run.open(ray_address=address, note=f"; Ray started in {startup_s:.1f}s")
     # Longest first: the serial IMP chain starts at once instead of after the short trials.
-    pending = [t.trial_id for t in sorted(job.trials(), key=planned_epochs, reverse=True)
-               if read_result(root / "trials" / t.trial_id) is None]
+    pending = sorted(run.unfinished(), key=planned_epochs, reverse=True)
     failed = []
     if pending:
-        results = _tuner(job, root, pending, tracking, echo).fit()
-        failed = [r.config.get("trial_id") for r in results if r.error is not None]
-    results = [read_result(root / "trials" / t.trial_id) for t in job.trials()]
-    results = [r for r in results if r is not None]
-    driver_wall_s = time.time() - started
-    costs = orchestration_costs(results, driver_wall_s, startup_s)
-    summary = close_job(job, root, results, driver_wall_s, tracking, echo,
-                        "FAILED" if failed else "FINISHED",
-                        {"orchestration": costs, "failed_trials": failed})
-    summary["report"] = make_report(root, echo) if not failed else None
+        results = _tuner(run, pending, echo).fit()
+        failed = [r.config["trial"]["trial_id"] for r in results if r.error is not None]
+    outcome = run.close("FAILED" if failed else "FINISHED", failed, startup_s)
     if failed:
         raise ClusterError(f"{len(failed)} trial(s) failed after retries: {', '.join(failed)}; "
-                           f"see {root / 'ray'}; re-run the same command to resume")
-    return summary
-
-
-def orchestration_costs(results: list[dict[str, Any]], driver_wall_s: float,
-                        startup_s: float) -> dict[str, float]:
-    """This driver session's wall-clock vs the trials' own: what running them through Ray
-    cost (trial process start-up, scheduling, reporting), Ray's own start-up apart."""
-    walls = [t["ledger"]["wall_clock_s"] for t in results]
-    critical = max(walls, default=0.0)
-    makespan = driver_wall_s
-    return {
-        "ray_startup_s": round(startup_s, 3),
-        "driver_wall_s": round(makespan, 3),
-        "trial_wall_clock_sum_s": round(sum(walls), 3),
-        "critical_path_trial_s": round(critical, 3),
-        "overhead_s": round(makespan - critical, 3),
-        "overhead_fraction": round((makespan - critical) / critical, 4) if critical else 0.0,
-    }
+                           f"see {run.root / 'ray'}; re-run the same command to resume")
+    return outcome

@@ -4,15 +4,16 @@ Layout (one folder per job submission, named ``<job name>-<spec hash>``)::
 
     <storage>/<job>-<hash>/
         spec.yaml                 the normalised job spec
-        summary.json              per-trial summaries, written when the job finishes
+        summary.json              the job record (records.JobRecord), written at its end
+        mlflow.json               the job's MLflow run ids (when tracked)
         trials/<trial_id>/
             checkpoint.pt         latest resumable state (atomic replace)
             events.jsonl          one line per trained epoch (and per round end)
             tickets/<name>/       ticket directories (see sparsity/ticketfile.py)
-            result.json           written once the trial has finished
+            result.json           the trial record (records.TrialRecord), once finished
 
-``TrialDirHooks`` implements the runners' ``Hooks`` on such a folder; it is the building block
-the local executor uses (and which a Ray trial can wrap).
+``TrialDirHooks`` implements the runners' ``Hooks`` on such a folder; every executor runs its
+trials through it (see ``job.run_one_trial``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .methods import CheckpointError, EpochEvent, Hooks, RoundEvent, TrialResult
+from .hooks import CheckpointError, EpochEvent, Hooks, RoundEvent, TrialResult
+from .records import TrialRecord, read_record, record_json
 from .tickets import Ticket
 
 
@@ -33,11 +35,16 @@ def job_dir(storage: str | Path, job_name: str, spec_hash: str) -> Path:
     return Path(storage) / f"{job_name}-{spec_hash}"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` via a temporary file and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 class TrialDirHooks(Hooks):
@@ -118,25 +125,17 @@ class TrialDirHooks(Hooks):
     def epochs_reported(self) -> int:
         return self._reported
 
-    def write_result(self, result: TrialResult) -> dict[str, Any]:
-        summary = result.summary()
-        for ticket in summary["tickets"]:
-            ticket["path"] = str(self.dir / "tickets" / ticket["name"])
-        write_json_atomic(self.dir / "result.json", summary)
+    def write_result(self, result: TrialResult, name: str | None = None,
+                     run_id: str | None = None) -> TrialRecord:
+        """Write ``result.json`` (the trial is finished) and drop the checkpoint."""
+        record = TrialRecord.model_validate(result.summary() | {"name": name, "run_id": run_id})
+        for ticket in record.tickets:
+            ticket.path = str(self.dir / "tickets" / ticket.name)
+        write_text_atomic(self.dir / "result.json", record_json(record))
         self.checkpoint_path.unlink(missing_ok=True)
-        return summary
+        return record
 
 
-def read_result(trial_dir: Path) -> dict[str, Any] | None:
-    """A finished trial's result summary, or None if it has not finished."""
-    path = Path(trial_dir) / "result.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def read_events(trial_dir: Path, kind: str = "epoch") -> list[dict[str, Any]]:
-    """All events of ``kind`` a trial logged, in order."""
-    path = Path(trial_dir) / "events.jsonl"
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["kind"] == kind]
+def read_result(trial_dir: Path) -> TrialRecord | None:
+    """A finished trial's record, or None if it has not finished."""
+    return read_record(Path(trial_dir) / "result.json", TrialRecord)

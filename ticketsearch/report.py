@@ -1,102 +1,47 @@
-"""The cost report: tickets, matching tickets, Pareto frontier, and epochs / wall-clock per
-method (critical path and total), with plots — built from the MLflow store, so any past job
-can be reported again (or from the job directory for a job run without tracking).
-
-Every number comes from the trials' ledgers (their ``result.json``, also logged to MLflow):
-epochs actually trained and seconds actually spent, never the configuration.
-``report.json`` follows ``REPORT_SCHEMA`` (``schema_version`` 1).
+"""The report of a job, rendered: the terminal summary, ``report.md``, ``report.json`` and the
+plots — all from the one ``analysis.Report`` document. Its records come from the job directory
+(complete by construction: every finished trial's ``result.json``), or from the MLflow store for
+a job whose directory is gone (``--experiment`` / ``--run``).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-SEARCH_PHASES = ("search", "train")  # a RigL run's training is its search
-METHOD_ORDER = ("cs", "imp", "rigl")
+from .analysis import REPORT_SCHEMA, ReportError, build_report, validate_report
+from .jobdir import read_result
+from .records import JobRecord, TrialRecord, read_record
+
 COLORS = {"cs": "#1f77b4", "imp": "#d62728", "rigl": "#2ca02c", "dense": "#7f7f7f"}
 
-_COST = {"type": "object", "required": ["critical_path", "total"],
-         "properties": {"critical_path": {"type": "number"}, "total": {"type": "number"}}}
-_TICKET = {"type": "object", "required": ["name", "sparsity", "val_acc", "test_acc", "run_id"],
-           "properties": {"name": {"type": "string"}, "sparsity": {"type": "number"},
-                          "val_acc": {"type": ["number", "null"]},
-                          "test_acc": {"type": ["number", "null"]},
-                          "run_id": {"type": ["string", "null"]}}}
-REPORT_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "ticketsearch report",
-    "type": "object",
-    "required": ["schema_version", "job", "dense", "methods", "makespan_s"],
-    "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
-        "job": {"type": "object", "required": ["name", "spec_hash"],
-                "properties": {"name": {"type": "string"}, "spec_hash": {"type": "string"},
-                               "parent_run_id": {"type": ["string", "null"]}}},
-        "dense": {"type": "object", "required": ["test_acc"],
-                  "properties": {"test_acc": {"type": ["number", "null"]},
-                                 "val_acc": {"type": ["number", "null"]},
-                                 "source": {"type": ["string", "null"]}}},
-        "tolerance": {"type": "number"},
-        "makespan_s": {"type": ["number", "null"]},
-        "methods": {"type": "object", "additionalProperties": {
-            "type": "object",
-            "required": ["tickets", "search_epochs", "retrain_epochs", "wall_clock_s",
-                         "device_s"],
-            "properties": {
-                "tickets": {"type": "array", "items": _TICKET},
-                "matching": {"type": "array", "items": _TICKET},
-                "sparsest_matching": {"anyOf": [_TICKET, {"type": "null"}]},
-                "pareto": {"type": "array", "items": _TICKET},
-                "search_epochs": _COST, "retrain_epochs": _COST, "wall_clock_s": _COST,
-                "device_s": {"type": "number"},
-                "trials": {"type": "integer"},
-                "per_ticket": {"type": "object"},
-            }}},
-        "ratios": {"type": "object"},
-        "recipes": {"type": "array", "items": {
-            "type": "object",
-            "required": ["method", "trial_id", "ticket", "sparsity", "recipe", "test_acc",
-                         "test_acc_delta"]}},
-        "timeline": {"type": "array"},
-    },
-}
-
-
-class ReportError(RuntimeError):
-    """A report cannot be built (no such job, nothing finished)."""
-
-
-@dataclass
-class JobRecord:
-    """What a report is made of: the job's identity, makespan and finished trials."""
-
-    name: str
-    spec_hash: str
-    makespan_s: float | None
-    trials: list[dict[str, Any]] = field(default_factory=list)  # result.json + run_id, title
-    parent_run_id: str | None = None
+__all__ = ["REPORT_SCHEMA", "ReportError", "build_report", "format_markdown", "format_summary",
+           "record_from_job_dir", "record_from_mlflow", "report_job", "write_report"]
 
 
 # --- sources ----------------------------------------------------------------------------------
 
 
 def record_from_job_dir(job_dir: Path) -> JobRecord:
-    """Read a job directory (for jobs run without tracking)."""
+    """A job directory's record: its ``summary.json`` (job-level figures, if the job got that
+    far) with every finished trial's ``result.json``."""
     job_dir = Path(job_dir)
-    summary_path = job_dir / "summary.json"
-    if not summary_path.exists():
-        raise ReportError(f"{summary_path} not found: is {job_dir} a finished job directory?")
-    summary = json.loads(summary_path.read_text())
-    trials = []
-    for result in sorted((job_dir / "trials").glob("*/result.json")):
-        trial = json.loads(result.read_text())
-        trials.append(trial | {"run_id": None, "title": trial["trial_id"]})
-    return JobRecord(summary["job"], summary["spec_hash"], summary.get("makespan_s"), trials)
+    summary = read_record(job_dir / "summary.json", JobRecord)
+    if summary is None:
+        summary = _record_from_spec(job_dir)
+    trials = [read_result(path.parent) for path in sorted(job_dir.glob("trials/*/result.json"))]
+    return summary.model_copy(update={"trials": trials, "job_dir": str(job_dir)})
+
+
+def _record_from_spec(job_dir: Path) -> JobRecord:
+    from .spec import load_job
+
+    if not (job_dir / "spec.yaml").exists():
+        raise ReportError(f"{job_dir / 'spec.yaml'} not found: is {job_dir} a job directory?")
+    job = load_job(job_dir / "spec.yaml")
+    return JobRecord(job=job.name, spec_hash=job.spec_hash(), status="UNFINISHED")
 
 
 def _download_json(client, run_id: str, path: str) -> dict[str, Any] | None:
@@ -125,10 +70,10 @@ def record_from_mlflow(uri: str, parent_run_id: str | None = None,
                        experiment: str | None = None) -> JobRecord:
     """Read a job from the MLflow store: its parent run (given, or the latest job of
     ``experiment``), each child run's ``result.json`` and the parent's ``summary.json``."""
-    from .tracking import _client, check_reachable
+    from .tracking import check_reachable, client_for
 
     check_reachable(uri)
-    client = _client(uri)
+    client = client_for(uri)
     parent = _parent_run(client, uri, parent_run_id, experiment)
     parent_id = parent.info.run_id
     children = client.search_runs([parent.info.experiment_id],
@@ -137,195 +82,15 @@ def record_from_mlflow(uri: str, parent_run_id: str | None = None,
     for child in children:
         result = _download_json(client, child.info.run_id, "result.json")
         if result is not None:  # unfinished trials have none yet
-            trials.append(result | {"run_id": child.info.run_id, "title": child.info.run_name})
+            trials.append(TrialRecord.model_validate(
+                result | {"run_id": child.info.run_id, "name": child.info.run_name}))
     summary = _download_json(client, parent_id, "summary.json") or {}
     tags = parent.data.tags
-    return JobRecord(tags.get("ticketsearch.job", ""), tags.get("ticketsearch.spec_hash", ""),
-                     summary.get("makespan_s"), sorted(trials, key=lambda t: t["trial_id"]),
-                     parent_id)
-
-
-# --- the numbers ------------------------------------------------------------------------------
-
-
-def _epochs(trial: dict[str, Any], phases: tuple[str, ...]) -> int:
-    return sum(trial["ledger"]["epochs"].get(p, 0) for p in phases)
-
-
-def _cost(values: list[float]) -> dict[str, float]:
-    return {"critical_path": max(values, default=0), "total": sum(values)}
-
-
-def _tickets(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for trial in trials:
-        for t in trial["tickets"]:
-            rows.append({"name": t["name"], "trial_id": trial["trial_id"],
-                         "trial": trial["title"], "sparsity": t["sparsity"],
-                         "val_acc": t.get("val_acc"), "test_acc": t.get("test_acc"),
-                         "run_id": trial.get("run_id")})
-    return sorted(rows, key=lambda t: (t["sparsity"], t["trial_id"], t["name"]))
-
-
-def recipe_comparison(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For tickets retrained under several recipes: each recipe's accuracy and its difference
-    from the ticket's primary (first) recipe."""
-    rows = []
-    for trial in trials:
-        for t in trial["tickets"]:
-            recipes = t.get("recipes") or {}
-            primary = recipes.get(t.get("recipe")) if t.get("recipe") else None
-            if len(recipes) < 2 or primary is None:
-                continue
-            base = primary.get("test_acc")
-            for name, result in sorted(recipes.items()):
-                acc = result.get("test_acc")
-                rows.append({
-                    "method": trial["method"], "trial_id": trial["trial_id"],
-                    "ticket": t["name"], "sparsity": t["sparsity"], "recipe": name,
-                    "primary": name == t["recipe"], "val_acc": result.get("val_acc"),
-                    "test_acc": acc,
-                    "test_acc_delta": None if acc is None or base is None else acc - base,
-                })
-    return rows
-
-
-def pareto_front(tickets: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tickets no other ticket beats on both sparsity and test accuracy (sparsest last)."""
-    scored = [t for t in tickets if t["test_acc"] is not None]
-    front = []
-    for t in scored:
-        beaten = any(o is not t and o["sparsity"] >= t["sparsity"] and
-                     o["test_acc"] >= t["test_acc"] and
-                     (o["sparsity"] > t["sparsity"] or o["test_acc"] > t["test_acc"])
-                     for o in scored)
-        if not beaten:
-            front.append(t)
-    return sorted(front, key=lambda t: t["sparsity"])
-
-
-def _mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def dense_baseline(trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """Dense accuracy: the dense trials' (mean over seeds), else the IMP chains' first
-    (unpruned) round."""
-    for method, key, source in (("dense", "", "dense trials"),
-                                ("imp", "dense_", "first round of the IMP chains")):
-        finals = [t["final"] for t in trials if t["method"] == method
-                  and t["final"].get(f"{key}test_acc") is not None]
-        if finals:
-            return {"test_acc": _mean([f.get(f"{key}test_acc") for f in finals]),
-                    "val_acc": _mean([f.get(f"{key}val_acc") for f in finals]),
-                    "source": source}
-    return {"test_acc": None, "val_acc": None, "source": None}
-
-
-def method_report(trials: list[dict[str, Any]], dense_acc: float | None,
-                  tolerance: float) -> dict[str, Any]:
-    tickets = _tickets(trials)
-    matching = [] if dense_acc is None else [
-        t for t in tickets if t["test_acc"] is not None and t["test_acc"] >= dense_acc - tolerance]
-    search = [_epochs(t, SEARCH_PHASES) for t in trials]
-    walls = [t["ledger"]["wall_clock_s"] for t in trials]
-    n = len(tickets)
-    return {
-        "trials": len(trials),
-        "tickets": tickets,
-        "matching": matching,
-        "sparsest_matching": max(matching, key=lambda t: (t["sparsity"], t["test_acc"]),
-                                 default=None),
-        "pareto": pareto_front(tickets),
-        "search_epochs": _cost(search),
-        "retrain_epochs": _cost([_epochs(t, ("retrain",)) for t in trials]),
-        "wall_clock_s": _cost(walls),
-        "device_s": sum(t["ledger"]["device_s"] for t in trials),
-        "per_ticket": {"search_epochs": sum(search) / n if n else None,
-                       "wall_clock_s": sum(walls) / n if n else None},
-    }
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if not a or not b else a / b
-
-
-def cost_ratios(methods: dict[str, Any], top: str, bottom: str) -> dict[str, float | None]:
-    """``top``/``bottom`` of every cost figure."""
-    a, b = methods[top], methods[bottom]
-    out = {}
-    for key in ("search_epochs", "retrain_epochs", "wall_clock_s"):
-        for part in ("critical_path", "total"):
-            out[f"{key}.{part}"] = _ratio(a[key][part], b[key][part])
-    out["device_s"] = _ratio(a["device_s"], b["device_s"])
-    for key in ("search_epochs", "wall_clock_s"):
-        out[f"per_ticket.{key}"] = _ratio(a["per_ticket"][key], b["per_ticket"][key])
-    return out
-
-
-def frontier_comparison(methods: dict[str, Any], challenger: str = "cs",
-                        reference: str = "imp") -> dict[str, Any] | None:
-    """For each ticket on the challenger's frontier: does it match or beat the reference's
-    best test accuracy at equal or higher sparsity?"""
-    if challenger not in methods or reference not in methods:
-        return None
-    ref = [t for t in methods[reference]["tickets"] if t["test_acc"] is not None]
-    rows = []
-    for t in methods[challenger]["pareto"]:
-        rivals = [r["test_acc"] for r in ref if r["sparsity"] >= t["sparsity"]]
-        best = max(rivals, default=None)
-        rows.append({"name": t["name"], "trial_id": t["trial_id"], "sparsity": t["sparsity"],
-                     "test_acc": t["test_acc"], "reference_best_test_acc": best,
-                     "dominates": best is None or t["test_acc"] >= best})
-    wins = sum(r["dominates"] for r in rows)
-    return {"challenger": challenger, "reference": reference, "tickets": rows,
-            "dominating": wins, "of": len(rows)}
-
-
-def timeline(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every attempt of every trial as (start, end) seconds since the job's first start."""
-    windows = [(t, w) for t in trials for w in t["ledger"].get("attempt_windows", [])]
-    if not windows:
-        return []
-    origin = min(w[0] for _, w in windows)
-    return [{"trial_id": t["trial_id"], "trial": t["title"], "method": t["method"],
-             "start_s": round(w[0] - origin, 3), "end_s": round(w[1] - origin, 3)}
-            for t, w in sorted(windows, key=lambda item: item[1][0])]
-
-
-def build_report(record: JobRecord, tolerance: float = 0.01) -> dict[str, Any]:
-    """The report as a ``REPORT_SCHEMA`` document."""
-    if not record.trials:
-        raise ReportError(f"job {record.name!r} has no finished trial to report on")
-    dense = dense_baseline(record.trials)
-    present = [m for m in METHOD_ORDER if any(t["method"] == m for t in record.trials)]
-    present += sorted({t["method"] for t in record.trials} - set(METHOD_ORDER) - {"dense"})
-    methods = {m: method_report([t for t in record.trials if t["method"] == m],
-                                dense["test_acc"], tolerance) for m in present}
-    ratios = {f"{a}/{b}": cost_ratios(methods, a, b)
-              for a, b in (("imp", "cs"), ("rigl", "cs"), ("imp", "rigl"))
-              if a in methods and b in methods}
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "job": {"name": record.name, "spec_hash": record.spec_hash,
-                "parent_run_id": record.parent_run_id},
-        "dense": dense,
-        "tolerance": tolerance,
-        "makespan_s": record.makespan_s,
-        "methods": methods,
-        "ratios": ratios,
-        "frontier": frontier_comparison(methods),
-        "recipes": recipe_comparison(record.trials),
-        "timeline": timeline(record.trials),
-    }
-
-
-def validate_report(report: dict[str, Any]) -> None:
-    """Raise ``jsonschema.ValidationError`` if ``report`` breaks ``REPORT_SCHEMA``."""
-    import jsonschema
-
-    jsonschema.validate(report, REPORT_SCHEMA)
+    return JobRecord(job=tags.get("ticketsearch.job", ""),
+                     spec_hash=tags.get("ticketsearch.spec_hash", ""),
+                     makespan_s=summary.get("makespan_s"),
+                     tracking={"uri": uri, "parent_run_id": parent_id},
+                     trials=sorted(trials, key=lambda t: t.trial_id))
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -339,29 +104,48 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """The short terminal table."""
-    lines = [f"report: {report['job']['name']} ({report['job']['spec_hash']}), dense test acc "
-             f"{_fmt(report['dense']['test_acc'])} ({report['dense']['source'] or 'no baseline'})"]
-    lines.append(f"{'method':6} {'tickets':>7} {'sparsest matching':>24} {'search ep cp/total':>19}"
-                 f" {'retrain ep cp/total':>20} {'wall s cp/total':>17}")
-    for name, m in report["methods"].items():
-        best = m["sparsest_matching"]
-        matching = "-" if best is None else f"{best['sparsity']:.3f} @ {best['test_acc']:.4f}"
+def format_summary(report: dict[str, Any]) -> str:
+    """The terminal summary: tickets per method, costs per method, ratios, the frontier
+    comparison and (for Ray runs) the orchestration overhead."""
+    dense = report["dense"]
+    lines = [f"job {report['job']['name']} ({report['job']['spec_hash']}); dense test acc "
+             f"{_fmt(dense['test_acc'])} ({dense['source'] or 'no baseline'})",
+             "tickets (sparsity, val acc, test acc):"]
+    for method, m in report["methods"].items():
+        for t in m["tickets"]:
+            lines.append(f"  {method:5s} {t['trial_id']}/{t['name']}: {t['sparsity']:.3f} "
+                         f"{_fmt(t['val_acc'])} {_fmt(t['test_acc'])}")
+    lines.append("cost (epochs critical path / total; wall-clock s critical path / total):")
+    if dense["trials"]:
+        e, w = dense["epochs"], dense["wall_clock_s"]
+        lines.append(f"  {'dense':5s} train {e['critical_path']:g}/{e['total']:g}  "
+                     f"wall {w['critical_path']:.1f}/{w['total']:.1f}")
+    for method, m in report["methods"].items():
         s, r, w = m["search_epochs"], m["retrain_epochs"], m["wall_clock_s"]
-        lines.append(f"{name:6} {len(m['tickets']):>7} {matching:>24} "
-                     f"{s['critical_path']:>8g}/{s['total']:<10g} "
-                     f"{r['critical_path']:>8g}/{r['total']:<11g} "
-                     f"{w['critical_path']:>7.1f}/{w['total']:<9.1f}")
+        best = m["sparsest_matching"]
+        matching = "none" if best is None else f"{best['sparsity']:.3f} @ {best['test_acc']:.4f}"
+        lines.append(f"  {method:5s} search {s['critical_path']:g}/{s['total']:g}  "
+                     f"retrain {r['critical_path']:g}/{r['total']:g}  "
+                     f"wall {w['critical_path']:.1f}/{w['total']:.1f}  "
+                     f"sparsest matching {matching}")
     for pair, ratios in report["ratios"].items():
-        lines.append(f"{pair}: search epochs critical path x{_fmt(ratios['search_epochs.critical_path'], 2)}"
-                     f", total x{_fmt(ratios['search_epochs.total'], 2)}; wall-clock critical "
-                     f"path x{_fmt(ratios['wall_clock_s.critical_path'], 2)}")
+        lines.append(f"{pair}: search epochs critical path "
+                     f"x{_fmt(ratios['search_epochs.critical_path'], 2)}, total "
+                     f"x{_fmt(ratios['search_epochs.total'], 2)}; wall-clock critical path "
+                     f"x{_fmt(ratios['wall_clock_s.critical_path'], 2)}")
     frontier = report.get("frontier")
     if frontier:
         lines.append(f"{frontier['challenger']} frontier tickets at or above the best "
                      f"{frontier['reference']} accuracy of equal or higher sparsity: "
                      f"{frontier['dominating']}/{frontier['of']}")
+    lines.append(f"makespan {_fmt(report['makespan_s'], 1)}s")
+    costs = report.get("orchestration")
+    if costs:
+        lines.append(
+            f"orchestration: Ray start-up {costs['ray_startup_s']:.1f}s; driver wall-clock "
+            f"{costs['driver_wall_s']:.1f}s vs longest trial {costs['critical_path_trial_s']:.1f}s "
+            f"(overhead {costs['overhead_s']:.1f}s = {100 * costs['overhead_fraction']:.1f}%); "
+            f"sum of trial wall-clock {costs['trial_wall_clock_sum_s']:.1f}s")
     return "\n".join(lines)
 
 
@@ -513,21 +297,14 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def report_job(job_dir: Path, out_dir: Path | None = None, tolerance: float = 0.01,
                log: bool = True) -> dict[str, Any]:
-    """Report on a job: from MLflow when it was tracked (and log the report to its parent
-    run), else from its job directory. Returns the report."""
-    from .tracking import JobTracking
-
+    """Report on a job from its directory, write it (default ``<job dir>/report``) and, when
+    the job was tracked and ``log``, attach it to the job's parent run. Returns the report."""
     job_dir = Path(job_dir)
-    tracking = JobTracking.load(job_dir)
-    if tracking is not None:
-        record = record_from_mlflow(tracking.uri, tracking.parent_run_id)
-    else:
-        record = record_from_job_dir(job_dir)
-    report = build_report(record, tolerance)
+    report = build_report(record_from_job_dir(job_dir), tolerance)
     out = Path(out_dir or job_dir / "report")
     write_report(report, out)
-    if tracking is not None and log:
-        from .tracking import _client
+    if log:
+        from .tracking import log_report
 
-        _client(tracking.uri).log_artifacts(tracking.parent_run_id, str(out), "report")
+        log_report(job_dir, out)
     return report

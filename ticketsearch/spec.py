@@ -1,13 +1,16 @@
 """The job spec: every knob of a ticketsearch job, its default and its one-line description.
 
 A job is written in YAML, validated into a frozen :class:`JobSpec`, and expanded into one
-:class:`TrialSpec` per trial (dense baselines, CS settings, IMP chains, RigL runs). This module is the
-only place defaults live; the CLI and the JSON schema reuse the field descriptions.
+:class:`TrialSpec` per trial. The shared sections (data, model, train, retrain, resources,
+tracking, storage) live here; each method's section is the :class:`MethodSpec` its module
+declares (``methods/``), found through the method registry. Defaults live only in these
+classes; the CLI and the JSON schema reuse the field descriptions.
 
 User mistakes surface as :class:`SpecError`, one line per problem, each naming the
 field path (``train.lr``, ``methods.cs.sweep.lambda[1]``) and what to do about it.
 
-Imports only the standard library, pydantic and PyYAML.
+Imports only the standard library, pydantic and PyYAML at import time; validating a job
+imports the method registry (and with it torch).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     create_model,
     field_validator,
@@ -38,19 +42,17 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from . import catalog
+
 __all__ = [
-    "CSSpec",
     "DataSpec",
-    "DenseSpec",
-    "IMPSpec",
     "JobSpec",
-    "MethodsSpec",
+    "MethodSpec",
     "ModelSpec",
     "RECIPE_PRESETS",
     "RecipeSpec",
     "ResourcesSpec",
     "RetrainSpec",
-    "RigLSpec",
     "SpecError",
     "StorageSpec",
     "TrackingSpec",
@@ -58,6 +60,7 @@ __all__ = [
     "TrialSpec",
     "apply_overrides",
     "dump_job",
+    "format_number",
     "job_json_schema",
     "load_job",
     "parse_job",
@@ -65,25 +68,9 @@ __all__ = [
     "spec_error_from",
 ]
 
-DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "mnist", "imagenet"]
-ModelName = Literal["mlp", "resnet20", "vgg16", "resnet50"]
-MethodName = Literal["dense", "cs", "imp", "rigl"]
+DatasetName = Literal[catalog.DATASET_NAMES]  # type: ignore[valid-type]
+ModelName = Literal[catalog.MODEL_NAMES]  # type: ignore[valid-type]
 ActivationName = Literal["relu", "silu", "mish", "elu"]
-
-DATASETS_NEEDING_ROOT: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "imagenet")
-"""Datasets read from files under ``data.root``; the others are built in memory."""
-
-DATASET_INPUTS: dict[str, str] = {
-    "digits": "64 features",
-    "mnist": "1-channel 28x28 images",
-    "cifar10": "3-channel 32x32 images",
-    "cifar100": "3-channel 32x32 images",
-    "imagenet": "3-channel 224x224 images",
-}
-"""What each file-backed or built-in dataset feeds the model, for compatibility messages."""
-
-IMAGE_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "imagenet")
-"""Datasets whose examples are (channels, height, width) images (synthetic ones may be too)."""
 
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 RECIPE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -182,11 +169,12 @@ class DataSpec(_Spec):
     def _check_root(self) -> DataSpec:
         """File-backed datasets need a root directory; imagenet cannot be downloaded."""
         problems: list[tuple[tuple[str | int, ...], str, Any]] = []
-        if self.dataset in DATASETS_NEEDING_ROOT and not self.root:
+        entry = catalog.DATASETS[self.dataset]
+        if entry.needs_root and not self.root:
             how = (
-                "place the ImageNet train/ and val/ folders there"
-                if self.dataset == "imagenet"
-                else "set data.download: true to fetch it there"
+                "set data.download: true to fetch it there"
+                if entry.downloadable
+                else "place the ImageNet train/ and val/ folders there"
             )
             problems.append(
                 (
@@ -196,7 +184,7 @@ class DataSpec(_Spec):
                     self.root,
                 )
             )
-        if self.dataset == "imagenet" and self.download:
+        if entry.needs_root and not entry.downloadable and self.download:
             problems.append(
                 (
                     ("download",),
@@ -384,14 +372,18 @@ def _sweep_axes_schema(schema: dict[str, Any], cls: type[BaseModel]) -> None:
         sweep_schema["additionalProperties"] = False
 
 
-class _MethodSpec(_Spec):
+class MethodSpec(_Spec):
     """Base of the method specs: a ``sweep`` mapping of axis -> list of knob values.
 
     Each listed value is validated with the same type and constraints as the scalar knob
     of that name; a swept axis replaces the scalar knob. :meth:`expand` yields one
     resolved spec (sweep applied, ``sweep`` empty) per point of the grid.
+
+    A method module subclasses it (``methods/cs.py``'s ``CSSpec``) and registers it: it is
+    the ``methods.<name>`` section of a job spec.
     """
 
+    model_config = ConfigDict(json_schema_extra=_sweep_axes_schema)
     sweep_axes: ClassVar[tuple[str, ...]] = ()
 
     @field_validator("sweep", mode="before", check_fields=False)
@@ -430,7 +422,7 @@ class _MethodSpec(_Spec):
 
 
 @functools.cache
-def _sweep_axes_model(cls: type[_MethodSpec]) -> type[BaseModel]:
+def _sweep_axes_model(cls: type[MethodSpec]) -> type[BaseModel]:
     """A validation model with one optional list field per sweep axis of ``cls``.
 
     Each list item carries the scalar knob's annotation and constraints, so a swept value
@@ -453,173 +445,6 @@ def _sweep_axes_model(cls: type[_MethodSpec]) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True),
         **fields,
     )
-
-
-class DenseSpec(_MethodSpec):
-    """A dense baseline: the unpruned network trained for one round."""
-
-    model_config = ConfigDict(json_schema_extra=_sweep_axes_schema)
-    sweep_axes: ClassVar[tuple[str, ...]] = ("seed",)
-
-    seed: int = Field(0, description="Seed of weight initialisation and data order.")
-    sweep: dict[str, list[Any]] = Field(
-        default_factory=dict,
-        description="Grid axes (allowed: seed), each a non-empty list of values; "
-        "one dense trial per value.",
-    )
-
-
-class CSSpec(_MethodSpec):
-    """Continuous Sparsification (Savarese et al. 2020) ticket search."""
-
-    model_config = ConfigDict(populate_by_name=True, json_schema_extra=_sweep_axes_schema)
-    sweep_axes: ClassVar[tuple[str, ...]] = ("lambda", "beta_final", "mask_init", "seed")
-
-    rounds: int = Field(5, ge=1, description="Search rounds of E epochs each.")
-    lambda_: float = Field(
-        1e-8,
-        alias="lambda",
-        ge=0,
-        description="Weight of the mask penalty lambda * sum(soft mask) added to the loss.",
-    )
-    beta_final: float = Field(
-        200.0,
-        ge=1,
-        description="Mask temperature reached in the last epoch of each round (beta starts at 1).",
-    )
-    mask_init: float = Field(
-        0.0,
-        description="Initial mask logit s0; larger gives denser tickets, e.g. -0.1 gives "
-        "high sparsity.",
-    )
-    beta_schedule: Literal["epoch", "iteration"] = Field(
-        "epoch", description="Raise beta once per epoch (paper) or every iteration."
-    )
-    soft_reset: Literal["scaled", "clip"] = Field(
-        "scaled",
-        description="Mask-logit reset between rounds: scaled = min(beta_end * s, s0) (paper), "
-        "clip = min(s, s0) (reference code).",
-    )
-    seed: int = Field(0, description="Seed of weight initialisation and data order.")
-    sweep: dict[str, list[Any]] = Field(
-        default_factory=dict,
-        description="Grid axes (allowed: lambda, beta_final, mask_init, seed), each a non-empty "
-        "list of values; one CS trial per point of their cartesian product.",
-    )
-
-
-class IMPSpec(_MethodSpec):
-    """Iterative Magnitude Pruning with rewinding (Frankle et al.)."""
-
-    model_config = ConfigDict(json_schema_extra=_sweep_axes_schema)
-    sweep_axes: ClassVar[tuple[str, ...]] = (
-        "prune_fraction",
-        "rounds",
-        "scope",
-        "rewind_between_rounds",
-        "seed",
-    )
-
-    rounds: int = Field(
-        30,
-        ge=1,
-        description="Serial prune rounds; round k's ticket has density (1 - prune_fraction)^k.",
-    )
-    prune_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Fraction of the remaining weights pruned per round."
-    )
-    scope: Literal["global", "layerwise"] = Field(
-        "global",
-        description="Prune with one magnitude threshold across all prunable tensors (global) "
-        "or per tensor (layerwise).",
-    )
-    rewind_between_rounds: bool = Field(
-        True,
-        description="Rewind surviving weights to the rewind snapshot after each round; "
-        "false = IMP-C (continue training, rewind only for the final retraining).",
-    )
-    seed: int = Field(0, description="Seed of weight initialisation and data order.")
-    sweep: dict[str, list[Any]] = Field(
-        default_factory=dict,
-        description="Grid axes (allowed: prune_fraction, rounds, scope, rewind_between_rounds, "
-        "seed), each a non-empty list of values; one IMP chain per point of their product.",
-    )
-
-
-class RigLSpec(_MethodSpec):
-    """RigL dynamic sparse training (Evci et al. 2020): one sparse network per setting."""
-
-    model_config = ConfigDict(json_schema_extra=_sweep_axes_schema)
-    sweep_axes: ClassVar[tuple[str, ...]] = ("sparsity", "distribution", "seed")
-
-    sparsity: float = Field(
-        0.9,
-        gt=0,
-        lt=1,
-        description="Target sparsity of the masked layers, fixed from the first step.",
-    )
-    distribution: Literal["uniform", "erk"] = Field(
-        "erk",
-        description="Per-layer densities: uniform = every layer at the target sparsity except "
-        "the first masked layer, which stays dense (so the network is a little denser than "
-        "the target); erk = Erdős–Rényi-Kernel, density ∝ sum(dims)/prod(dims), totalling the "
-        "target exactly.",
-    )
-    update_interval: int = Field(
-        100, ge=1, description="Steps between mask updates (ΔT)."
-    )
-    end_fraction: float = Field(
-        0.75,
-        gt=0,
-        le=1,
-        description="Fraction of the training steps after which the masks stop changing.",
-    )
-    drop_fraction: float = Field(
-        0.3,
-        gt=0,
-        le=1,
-        description="Initial fraction α of each layer's active weights dropped and regrown per "
-        "update; decays as α/2·(1 + cos(π t / T_end)).",
-    )
-    epochs: Annotated[int, Field(ge=1)] | None = Field(
-        None,
-        description="Training epochs of the RigL run; null = train.epochs_per_round "
-        "(LR milestones scale proportionally).",
-    )
-    seed: int = Field(0, description="Seed of weight initialisation, initial masks and data order.")
-    sweep: dict[str, list[Any]] = Field(
-        default_factory=dict,
-        description="Grid axes (allowed: sparsity, distribution, seed), each a non-empty list "
-        "of values; one RigL run per point of their cartesian product.",
-    )
-
-
-class MethodsSpec(_Spec):
-    """Which methods the job runs: a section given (even ``{}``) enables the method,
-    an absent or null section disables it."""
-
-    dense: DenseSpec | None = Field(
-        None, description="Dense baseline trained for one round; {} = defaults, null = off."
-    )
-    cs: CSSpec | None = Field(
-        None, description="Continuous Sparsification ticket search; {} = defaults, null = off."
-    )
-    imp: IMPSpec | None = Field(
-        None, description="Iterative Magnitude Pruning chain(s); {} = defaults, null = off."
-    )
-    rigl: RigLSpec | None = Field(
-        None, description="RigL dynamic sparse training run(s); {} = defaults, null = off."
-    )
-
-    @model_validator(mode="after")
-    def _check_any(self) -> MethodsSpec:
-        """At least one method must be enabled."""
-        if self.dense is None and self.cs is None and self.imp is None and self.rigl is None:
-            _raise_problems(
-                "MethodsSpec",
-                [((), "enable at least one of dense, cs, imp, rigl (e.g. 'cs: {}')", None)],
-            )
-        return self
 
 
 # --------------------------------------------------------------------------------------
@@ -842,7 +667,7 @@ class StorageSpec(_Spec):
 # --------------------------------------------------------------------------------------
 
 
-def _format_number(value: float | int) -> str:
+def format_number(value: float | int) -> str:
     """Shortest exact text of a number: 200.0 -> '200', 1e-08 -> '1e-08', -0.1 -> '-0.1'."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -858,50 +683,59 @@ class TrialSpec(_Spec):
         pattern=TRIAL_ID_PATTERN,
     )
     name: str = Field(description="Human-readable name (e.g. 'cs s0=-0.1 λ=1e-08 β=200 seed=0').")
-    method: MethodName = Field(description="Method this trial runs.")
+    method: str = Field(description="Method this trial runs (a registered method's name).")
     seed: int = Field(description="Seed of weight initialisation and data order.")
     job_name: str = Field(description="Name of the job the trial belongs to.")
     data: DataSpec = Field(description="Dataset settings.")
     model: ModelSpec = Field(description="Model settings.")
     train: TrainSpec = Field(description="Training recipe.")
-    cs: CSSpec | None = Field(None, description="Resolved CS settings (method cs only).")
-    imp: IMPSpec | None = Field(None, description="Resolved IMP settings (method imp only).")
-    rigl: RigLSpec | None = Field(None, description="Resolved RigL settings (method rigl only).")
+    settings: Any = Field(description="The method's resolved settings (its MethodSpec, "
+                          "sweep applied).")
     retrain: RetrainSpec = Field(description="Ticket retraining settings.")
     resources: ResourcesSpec = Field(description="Resources the trial asks for.")
 
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, value: str) -> str:
+        from .methods import get_method
 
-def _dense_identity(spec: DenseSpec) -> tuple[str, str]:
-    """(trial_id, name) of a resolved dense baseline."""
-    return f"dense-seed={spec.seed}", f"dense seed={spec.seed}"
+        get_method(value)
+        return value
+
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _parse_settings(cls, value: Any, info) -> Any:
+        """Settings given as a mapping (a trial read back from JSON) become the method's
+        MethodSpec."""
+        from .methods import get_method
+
+        method = info.data.get("method")
+        if method is None or isinstance(value, MethodSpec):
+            return value
+        return get_method(method).spec.model_validate(value)
+
+    def to_json(self) -> str:
+        """The trial as JSON (``TrialSpec.model_validate_json`` reads it back)."""
+        return self.model_dump_json(by_alias=True)
 
 
-def _cs_identity(spec: CSSpec) -> tuple[str, str]:
-    """(trial_id, name) of a resolved CS setting."""
-    s0, lam, beta = (_format_number(x) for x in (spec.mask_init, spec.lambda_, spec.beta_final))
-    return (
-        f"cs-s0={s0}-lam={lam}-beta={beta}-seed={spec.seed}",
-        f"cs s0={s0} λ={lam} β={beta} seed={spec.seed}",
-    )
+@functools.cache
+def methods_model() -> type[BaseModel]:
+    """The ``methods`` section of a job spec: one optional field per registered method,
+    typed by its MethodSpec (rebuilt when a method is registered)."""
+    from .methods import methods
+
+    fields = {m.name: (m.spec | None, Field(
+        None, description=f"{m.description}; {{}} = defaults, null = off."))
+        for m in methods()}
+    return create_model(  # type: ignore[call-overload]
+        "MethodsSpec", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
 
 
-def _imp_identity(spec: IMPSpec, rounds_swept: bool) -> tuple[str, str]:
-    """(trial_id, name) of a resolved IMP chain; the round count is named only when swept."""
-    variant = "imp" if spec.rewind_between_rounds else "imp-c"
-    parts = [spec.scope, f"p={_format_number(spec.prune_fraction)}"]
-    if rounds_swept:
-        parts.append(f"r={spec.rounds}")
-    parts.append(f"seed={spec.seed}")
-    return "-".join([variant, *parts]), " ".join([variant, *parts])
-
-
-def _rigl_identity(spec: RigLSpec) -> tuple[str, str]:
-    """(trial_id, name) of a resolved RigL setting."""
-    sparsity = _format_number(spec.sparsity)
-    return (
-        f"rigl-{spec.distribution}-s={sparsity}-seed={spec.seed}",
-        f"rigl {spec.distribution} s={sparsity} seed={spec.seed}",
-    )
+def forget_methods_model() -> None:
+    """Drop the cached ``methods_model()`` (the registry changed)."""
+    methods_model.cache_clear()
+    _schema_job_model.cache_clear()
 
 
 class JobSpec(_Spec):
@@ -918,7 +752,10 @@ class JobSpec(_Spec):
     train: TrainSpec = Field(
         default_factory=TrainSpec, description="Training recipe shared by every method."
     )
-    methods: MethodsSpec = Field(description="Methods to run: dense, cs, imp, rigl.")
+    methods: dict[str, Any] = Field(
+        description="Methods to run, by registered name (dense, cs, imp, rigl, ...): a section "
+        "given (even {}) enables the method, an absent or null one disables it."
+    )
     retrain: RetrainSpec = Field(
         default_factory=RetrainSpec, description="Ticket retraining settings."
     )
@@ -931,6 +768,7 @@ class JobSpec(_Spec):
     storage: StorageSpec = Field(
         default_factory=StorageSpec, description="Checkpoint and result storage."
     )
+    _trials: list[TrialSpec] | None = PrivateAttr(None)
 
     @field_validator("name")
     @classmethod
@@ -945,48 +783,27 @@ class JobSpec(_Spec):
             )
         return value
 
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _parse_methods(cls, value: Any) -> dict[str, Any]:
+        """Validate each section with its method's MethodSpec; keep the enabled ones, in
+        registry order. At least one method must be enabled."""
+        parsed = methods_model().model_validate(value)
+        enabled = {name: getattr(parsed, name) for name in type(parsed).model_fields
+                   if getattr(parsed, name) is not None}
+        if not enabled:
+            names = ", ".join(type(parsed).model_fields)
+            raise ValueError(f"enable at least one of {names} (e.g. 'cs: {{}}')")
+        return enabled
+
     @model_validator(mode="after")
     def _check_model_fits_data(self) -> JobSpec:
         """The model must accept the dataset's inputs."""
-        model, data = self.model.name, self.data
-        shape = list(data.synthetic_shape)
-        gives = (
-            f"synthetic_shape {shape}"
-            if data.dataset == "synthetic"
-            else DATASET_INPUTS[data.dataset]
+        message = catalog.model_fits_data(
+            self.model.name, self.data.dataset, self.data.synthetic_shape
         )
-        if model in ("resnet20", "vgg16"):
-            fits = data.dataset in ("cifar10", "cifar100") or (
-                data.dataset == "synthetic" and shape == [3, 32, 32]
-            )
-            expects = (
-                "3-channel 32x32 images (cifar10, cifar100, or synthetic with "
-                "synthetic_shape [3,32,32])"
-            )
-        elif model == "resnet50":
-            fits = data.dataset == "imagenet" or (
-                data.dataset == "synthetic"
-                and len(shape) == 3
-                and shape[0] == 3
-                and min(shape[1:]) >= 32
-            )
-            expects = (
-                "3-channel images of at least 32x32 (imagenet, or synthetic with "
-                "synthetic_shape [3,H,W])"
-            )
-        else:
-            fits, expects = True, ""
-        if not fits:
-            _raise_problems(
-                "JobSpec",
-                [
-                    (
-                        ("model", "name"),
-                        f"{model} expects {expects}; dataset {data.dataset} gives {gives}",
-                        model,
-                    )
-                ],
-            )
+        if message is not None:
+            _raise_problems("JobSpec", [(("model", "name"), message, self.model.name)])
         return self
 
     @model_validator(mode="after")
@@ -1004,15 +821,8 @@ class JobSpec(_Spec):
                 )
             )
         data = self.data
-        images = data.dataset in IMAGE_DATASETS or (
-            data.dataset == "synthetic" and len(data.synthetic_shape) == 3
-        )
-        if not images:
-            gives = (
-                f"synthetic_shape {list(data.synthetic_shape)}"
-                if data.dataset == "synthetic"
-                else DATASET_INPUTS[data.dataset]
-            )
+        if not catalog.is_image_data(data.dataset, data.synthetic_shape):
+            gives = catalog.dataset_inputs(data.dataset, data.synthetic_shape)
             for index, recipe in enumerate(recipes):
                 if recipe.cutmix_alpha > 0:
                     problems.append(
@@ -1028,78 +838,36 @@ class JobSpec(_Spec):
         return self
 
     def trials(self) -> list[TrialSpec]:
-        """Expand the job into its trials: dense first, then CS, IMP and RigL.
+        """The job's trials, expanded once (cached): each enabled method in registry order
+        (dense, CS, IMP, RigL, ...), its sweep expanded as a cartesian product in the method's
+        axis order. Trial ids are unique within the job."""
+        if self._trials is None:
+            trials = [trial for name, section in self.methods.items()
+                      for trial in self._expand(name, section)]
+            _check_unique_ids(trials)
+            self._trials = trials
+        return list(self._trials)
 
-        Each method's sweep is expanded as a cartesian product in the method's axis order
-        (CS: lambda, beta_final, mask_init, seed; RigL: sparsity, distribution, seed). Trial
-        ids are unique within the job.
-        """
-        common = {
-            "job_name": self.name,
-            "data": self.data,
-            "model": self.model,
-            "train": self.train,
-            "retrain": self.retrain,
-            "resources": self.resources,
-        }
-        trials: list[TrialSpec] = []
-        methods = self.methods
-        if methods.dense is not None:
-            for dense in methods.dense.expand():
-                trial_id, name = _dense_identity(dense)
-                trials.append(
-                    TrialSpec(
-                        trial_id=trial_id, name=name, method="dense", seed=dense.seed, **common
-                    )
-                )
-        if methods.cs is not None:
-            for cs in methods.cs.expand():
-                trial_id, name = _cs_identity(cs)
-                trials.append(
-                    TrialSpec(
-                        trial_id=trial_id, name=name, method="cs", seed=cs.seed, cs=cs, **common
-                    )
-                )
-        if methods.imp is not None:
-            rounds_swept = "rounds" in methods.imp.sweep
-            for imp in methods.imp.expand():
-                trial_id, name = _imp_identity(imp, rounds_swept)
-                trials.append(
-                    TrialSpec(
-                        trial_id=trial_id, name=name, method="imp", seed=imp.seed, imp=imp, **common
-                    )
-                )
-        if methods.rigl is not None:
-            for rigl in methods.rigl.expand():
-                trial_id, name = _rigl_identity(rigl)
-                trials.append(
-                    TrialSpec(
-                        trial_id=trial_id, name=name, method="rigl", seed=rigl.seed, rigl=rigl,
-                        **common,
-                    )
-                )
-        _check_unique_ids(trials)
+    def _expand(self, name: str, section: MethodSpec) -> list[TrialSpec]:
+        from .methods import get_method
+
+        method, swept = get_method(name), frozenset(section.sweep)
+        common = {"job_name": self.name, "data": self.data, "model": self.model,
+                  "train": self.train, "retrain": self.retrain, "resources": self.resources}
+        trials = []
+        for settings in section.expand():
+            trial_id, title = method.identity(settings, swept)
+            trials.append(TrialSpec(trial_id=trial_id, name=title, method=name,
+                                    seed=settings.seed, settings=settings, **common))
         return trials
 
     def spec_hash(self) -> str:
-        """First 12 hex chars of the sha256 of the spec's canonical JSON.
-
-        Equal for the same job written differently (key order, defaults spelled out or not).
-        Knobs added after the first release (``methods.rigl``, ``retrain.recipes``) are left
-        out while at their default, so the jobs written before them keep their hash (and job
-        directory).
-        """
-        data = self.model_dump(mode="json", by_alias=True)
-        if data["methods"]["rigl"] is None:
-            del data["methods"]["rigl"]
-        if self.retrain.recipes == _default_recipes():
-            del data["retrain"]["recipes"]
-        canonical = json.dumps(
-            data,
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        """First 12 hex chars of the sha256 of the canonical JSON of the fields that differ
+        from their defaults (open_lth's rule): the same job written differently (key order,
+        defaults spelled out or not) has one hash, and a knob added later with a default
+        leaves every existing job's hash (and job directory) as it was."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
@@ -1155,7 +923,7 @@ def _allowed_keys(
         name = _field_named(current, part)
         if name is None:
             return None
-        if name == "sweep" and issubclass(current, _MethodSpec) and index == len(loc) - 1:
+        if name == "sweep" and issubclass(current, MethodSpec) and index == len(loc) - 1:
             return "sweep axis", "sweep axes", sorted(current.sweep_axes)
         current = _model_in(current.model_fields[name].annotation)
     if current is None:
@@ -1215,7 +983,7 @@ def _problem_line(error: Mapping[str, Any], root: type[BaseModel]) -> str:
 
 def spec_error_from(error: ValidationError, root: type[BaseModel] | None = None) -> SpecError:
     """Convert a pydantic ValidationError raised validating ``root`` (default JobSpec)."""
-    model = JobSpec if root is None else root
+    model = _schema_job_model() if root in (None, JobSpec) else root
     return SpecError([_problem_line(item, model) for item in error.errors()])
 
 
@@ -1321,7 +1089,7 @@ def parse_job(data: Mapping[str, Any]) -> JobSpec:
     try:
         return JobSpec.model_validate(dict(data))
     except ValidationError as exc:
-        raise spec_error_from(exc, JobSpec) from None
+        raise spec_error_from(exc) from None
 
 
 def _read_yaml(path: Path) -> Any:
@@ -1363,9 +1131,19 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     return parse_job(apply_overrides(raw, overrides))
 
 
+@functools.cache
+def _schema_job_model() -> type[BaseModel]:
+    """JobSpec with its ``methods`` typed by the registered methods: the model the JSON
+    schema and the error messages' allowed-key lists are made from."""
+    info = JobSpec.model_fields["methods"]
+    return create_model(  # type: ignore[call-overload]
+        "JobSpec", __base__=JobSpec,
+        methods=(methods_model(), Field(description=info.description)))
+
+
 def job_json_schema() -> dict[str, Any]:
     """The JSON schema of a job spec (keys by alias, e.g. 'lambda')."""
-    return JobSpec.model_json_schema(by_alias=True)
+    return _schema_job_model().model_json_schema(by_alias=True)
 
 
 def dump_job(spec: JobSpec) -> str:

@@ -4,8 +4,8 @@
 ``job.yaml`` into a fresh working directory and submits ``python -m ticketsearch.cli run
 job.yaml`` with that directory and this installed ``ticketsearch`` package as the job's
 runtime environment, so the cluster runs exactly this code (its Python dependencies come from
-the cluster's own environment). ``job_status``, ``job_logs``, ``stop_job``, ``wait_for_job``
-and ``follow_logs`` query the same API.
+the cluster's own environment). ``job_status``, ``job_logs``, ``stop_job`` and
+``follow_logs`` query the same API.
 
 Addresses: the ``address`` argument, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS``;
 an explicit address always wins (Ray's own client would let the environment override it).
@@ -274,21 +274,6 @@ def stop_job(address: str | None, job_id: str) -> bool:
     """Ask the cluster to stop the job; True if it was still running."""
     api = _Api(address)
     return bool(api.call("stop the job", lambda: api.client.stop_job(job_id), job_id))
-
-
-def wait_for_job(address: str | None, job_id: str, timeout_s: float | None = None,
-                 poll_s: float = POLL_S) -> str:
-    """Poll until the job reaches SUCCEEDED, FAILED or STOPPED and return that status.
-
-    Raises JobWaitTimeout if ``timeout_s`` passes first (the job keeps running).
-    """
-    api = _Api(address)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-        status = _status(api, job_id)
-        if status in TERMINAL_STATUSES:
-            return status
-        _sleep_or_time_out(job_id, status, deadline, poll_s)
 
 
 def follow_logs(address: str | None, job_id: str, echo: Callable[[str], None],

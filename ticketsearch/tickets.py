@@ -36,10 +36,6 @@ class Ticket:
         """Fraction of masked entries that are pruned."""
         return 1.0 - mask_density(self.masks)
 
-    @property
-    def density(self) -> float:
-        return mask_density(self.masks)
-
     def layer_densities(self) -> dict[str, float]:
         return layer_densities(self.masks)
 

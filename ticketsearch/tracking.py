@@ -1,11 +1,13 @@
 """MLflow tracking: one experiment per job name, a parent run per job submission, a child run
 per trial with per-epoch metrics, and tickets as artifacts.
 
-The driver (``setup_job_tracking``) creates the database, the experiment, the parent run and
-every trial's child run before any trial starts (concurrent first-time migrations of a SQLite
-store crash), and records their ids in the job directory (``mlflow.json``) so a resumed job
-continues the same runs. Trials log through ``MlflowHooks`` with an ``MlflowClient`` bound to a
-run id: no global "active run" state, safe in threads and processes.
+``JobTracking`` is the job lifecycle's tracker (``job.py``; ``NullTracker`` there is the one for
+untracked jobs). In the driver, ``start`` creates the database, the experiment, the parent run
+and every trial's child run before any trial starts (concurrent first-time migrations of a
+SQLite store crash), and records their ids in the job directory (``mlflow.json``) so a resumed
+job continues the same runs. The tracker is a small picklable value: it travels to Ray
+trials, which log through ``MlflowHooks`` with an ``MlflowClient`` bound to a run id — no
+global "active run" state, safe in threads and processes.
 
 Nothing logged is lost: a call that fails (tracking server down) is written to the trial's
 ``mlflow_pending.jsonl`` journal and replayed, in order, once the server answers again — on
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .methods import EpochEvent, Hooks, RoundEvent, TrialResult
+from .hooks import EpochEvent, Hooks, RoundEvent, TrialResult
 from .tickets import Ticket
 
 STATE_FILE = "mlflow.json"
@@ -43,7 +45,7 @@ def _quiet_client_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def _client(uri: str):
+def client_for(uri: str):
     from mlflow.tracking import MlflowClient
 
     _quiet_client_env()
@@ -128,12 +130,45 @@ def trial_params(trial) -> dict[str, str]:
 
 @dataclass
 class JobTracking:
-    """Where a job's runs live; persisted as ``mlflow.json`` in the job directory."""
+    """Where a job's runs live; persisted as ``mlflow.json`` in the job directory. The
+    tracker of a tracked job (see ``job.NullTracker`` for the interface)."""
 
     uri: str
-    experiment_id: str
-    parent_run_id: str
+    experiment_id: str = ""
+    parent_run_id: str = ""
     trial_runs: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def for_job(cls, job, storage: str | Path | None = None) -> JobTracking:
+        """The tracker of ``job``'s store, checked to answer; nothing is written yet."""
+        uri = tracking_uri_for(job, storage)
+        check_reachable(uri)
+        return cls(uri)
+
+    def start(self, job, job_dir: Path, trials, ray_address: str | None = None) -> str:
+        """Create (or find again) the job's runs; returns a line saying where they are."""
+        started = setup_job_tracking(job, job_dir, self.uri, trials, ray_address)
+        self.__dict__.update(started.__dict__)
+        return (f"tracking: {self.uri} (experiment {job.tracking.experiment or job.name}, "
+                f"parent run {self.parent_run_id})")
+
+    def trial_hooks(self, inner, trial_id: str) -> MlflowHooks:
+        return MlflowHooks(inner, self.uri, self.trial_runs[trial_id])
+
+    def run_id(self, trial_id: str) -> str | None:
+        return self.trial_runs.get(trial_id)
+
+    def finish_trial(self, hooks: MlflowHooks, result: TrialResult) -> bool:
+        """Log the trial's totals and close its run; False if some of it is still waiting
+        in the trial's journal (the tracking server is unreachable)."""
+        return hooks.finish(result)
+
+    def close(self, job_dir: Path, status: str) -> None:
+        finish_job_tracking(self, job_dir, status)
+
+    def describe(self) -> dict[str, str]:
+        return {"uri": self.uri, "experiment_id": self.experiment_id,
+                "parent_run_id": self.parent_run_id}
 
     def save(self, job_dir: Path) -> None:
         from .jobdir import write_json_atomic
@@ -194,11 +229,11 @@ def _start_child(client, tracking: JobTracking, job, trial) -> str:
     return run.info.run_id
 
 
-def setup_job_tracking(job, job_dir: Path, uri: str, ray_address: str | None = None
+def setup_job_tracking(job, job_dir: Path, uri: str, trials, ray_address: str | None = None
                        ) -> JobTracking:
     """Create (or find again, for a resumed job) the experiment, parent and child runs."""
     check_reachable(uri)
-    client = _client(uri)
+    client = client_for(uri)
     tracking = JobTracking.load(job_dir)
     if tracking is None or tracking.uri != uri:
         experiment_id = _experiment_id(client, job.tracking.experiment or job.name, uri)
@@ -206,16 +241,23 @@ def setup_job_tracking(job, job_dir: Path, uri: str, ray_address: str | None = N
         tracking = JobTracking(uri, experiment_id, parent)
     else:
         client.update_run(tracking.parent_run_id, status="RUNNING")
-    for trial in job.trials():
+    for trial in trials:
         if trial.trial_id not in tracking.trial_runs:
             tracking.trial_runs[trial.trial_id] = _start_child(client, tracking, job, trial)
     tracking.save(job_dir)
     return tracking
 
 
+def log_report(job_dir: Path, report_dir: Path) -> None:
+    """Attach a report folder to the job's parent run (nothing for an untracked job)."""
+    tracking = JobTracking.load(job_dir)
+    if tracking is not None:
+        client_for(tracking.uri).log_artifacts(tracking.parent_run_id, str(report_dir), "report")
+
+
 def finish_job_tracking(tracking: JobTracking, job_dir: Path, status: str = "FINISHED") -> None:
     """Attach the job summary to the parent run and close it."""
-    client = _client(tracking.uri)
+    client = client_for(tracking.uri)
     summary = job_dir / "summary.json"
     if summary.exists():
         client.log_artifact(tracking.parent_run_id, str(summary))
@@ -232,7 +274,7 @@ class RunLogger:
         self.uri = uri
         self.run_id = run_id
         self.journal = Path(journal)
-        self.client = _client(uri)
+        self.client = client_for(uri)
         self._next_retry = 0.0
 
     def submit(self, op: dict[str, Any]) -> None:
@@ -458,7 +500,7 @@ def list_tickets(uri: str, job: str | None = None, method: str | None = None,
                  min_sparsity: float = 0.0) -> list[dict[str, Any]]:
     """Every ticket logged in the store (optionally of one job / method), sparsest first."""
     check_reachable(uri)
-    client = _client(uri)
+    client = client_for(uri)
     experiments = client.search_experiments()
     if job is not None:
         experiments = [e for e in experiments if e.name == job]

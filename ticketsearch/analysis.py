@@ -1,0 +1,350 @@
+"""The numbers of a job, computed once: tickets, matching tickets, Pareto frontiers, epochs and
+wall-clock per method (critical path and total), cost ratios, the retraining-recipe table and
+the timeline — from a ``records.JobRecord`` (its trials' ledgers: epochs actually trained,
+seconds actually spent, never the configuration).
+
+The result is a ``Report`` document (``REPORT_SCHEMA`` is generated from it); the terminal
+summary, ``report.md`` and the plots (``report.py``) all render this one document. Method order
+and labels come from the method registry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .methods import get_method, methods
+from .records import JobRecord, TrialRecord
+
+SCHEMA_VERSION = 1
+RATIO_PAIRS = (("imp", "cs"), ("rigl", "cs"), ("imp", "rigl"))
+
+
+# --- the document -----------------------------------------------------------------------------
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Cost(_Doc):
+    critical_path: int | float
+    total: int | float
+
+
+class TicketRow(_Doc):
+    name: str
+    trial_id: str
+    trial: str
+    sparsity: float
+    val_acc: float | None
+    test_acc: float | None
+    run_id: str | None
+    round: int | None = None
+    search_epochs: int | None = None
+    retrain_epochs: int | None = None
+    path: str | None = None
+
+
+class PerTicket(_Doc):
+    search_epochs: float | None
+    wall_clock_s: float | None
+
+
+class MethodReport(_Doc):
+    label: str
+    trials: int
+    tickets: list[TicketRow]
+    matching: list[TicketRow]
+    sparsest_matching: TicketRow | None
+    pareto: list[TicketRow]
+    search_epochs: Cost
+    retrain_epochs: Cost
+    wall_clock_s: Cost
+    device_s: float
+    per_ticket: PerTicket
+
+
+class DenseBaseline(_Doc):
+    test_acc: float | None
+    val_acc: float | None
+    source: str | None
+    trials: int = 0
+    epochs: Cost = Cost(critical_path=0, total=0)
+    wall_clock_s: Cost = Cost(critical_path=0, total=0)
+
+
+class FrontierRow(_Doc):
+    name: str
+    trial_id: str
+    sparsity: float
+    test_acc: float | None
+    reference_best_test_acc: float | None
+    dominates: bool
+
+
+class Frontier(_Doc):
+    challenger: str
+    reference: str
+    tickets: list[FrontierRow]
+    dominating: int
+    of: int
+
+
+class RecipeRow(_Doc):
+    method: str
+    trial_id: str
+    ticket: str
+    sparsity: float
+    recipe: str
+    primary: bool
+    val_acc: float | None
+    test_acc: float | None
+    test_acc_delta: float | None
+
+
+class TimelineRow(_Doc):
+    trial_id: str
+    trial: str
+    method: str
+    start_s: float
+    end_s: float
+
+
+class JobInfo(_Doc):
+    name: str
+    spec_hash: str
+    parent_run_id: str | None = None
+
+
+class Report(_Doc):
+    """``report.json``: everything the report says, as numbers."""
+
+    schema_version: int = SCHEMA_VERSION
+    job: JobInfo
+    dense: DenseBaseline
+    tolerance: float
+    makespan_s: float | None
+    methods: dict[str, MethodReport]
+    ratios: dict[str, dict[str, float | None]]
+    frontier: Frontier | None
+    recipes: list[RecipeRow]
+    timeline: list[TimelineRow]
+    orchestration: dict[str, float] | None = None
+
+
+REPORT_SCHEMA: dict[str, Any] = Report.model_json_schema()
+
+
+class ReportError(RuntimeError):
+    """A report cannot be built (no such job, nothing finished)."""
+
+
+# --- the numbers ------------------------------------------------------------------------------
+
+
+def _cost(values: list[float]) -> dict[str, float]:
+    return {"critical_path": max(values, default=0), "total": sum(values)}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def ticket_rows(trials: list[TrialRecord]) -> list[dict[str, Any]]:
+    """Every ticket of ``trials`` with its trial and run, least sparse first."""
+    rows = []
+    for trial in trials:
+        for t in trial.tickets:
+            rows.append({"name": t.name, "trial_id": trial.trial_id, "trial": trial.title,
+                         "sparsity": t.sparsity, "val_acc": t.val_acc, "test_acc": t.test_acc,
+                         "run_id": trial.run_id, "round": t.round,
+                         "search_epochs": t.search_epochs, "retrain_epochs": t.retrain_epochs,
+                         "path": t.path})
+    return sorted(rows, key=lambda t: (t["sparsity"], t["trial_id"], t["name"]))
+
+
+def recipe_comparison(trials: list[TrialRecord]) -> list[dict[str, Any]]:
+    """For tickets retrained under several recipes: each recipe's accuracy and its difference
+    from the ticket's primary (first) recipe."""
+    rows = []
+    for trial in trials:
+        for t in trial.tickets:
+            recipes = t.recipes or {}
+            primary = recipes.get(t.recipe) if t.recipe else None
+            if len(recipes) < 2 or primary is None:
+                continue
+            for name, result in sorted(recipes.items()):
+                acc, base = result.test_acc, primary.test_acc
+                rows.append({
+                    "method": trial.method, "trial_id": trial.trial_id, "ticket": t.name,
+                    "sparsity": t.sparsity, "recipe": name, "primary": name == t.recipe,
+                    "val_acc": result.val_acc, "test_acc": acc,
+                    "test_acc_delta": None if acc is None or base is None else acc - base,
+                })
+    return rows
+
+
+def pareto_front(tickets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tickets no other ticket beats on both sparsity and test accuracy (sparsest last)."""
+    scored = [t for t in tickets if t["test_acc"] is not None]
+    front = []
+    for t in scored:
+        beaten = any(o is not t and o["sparsity"] >= t["sparsity"] and
+                     o["test_acc"] >= t["test_acc"] and
+                     (o["sparsity"] > t["sparsity"] or o["test_acc"] > t["test_acc"])
+                     for o in scored)
+        if not beaten:
+            front.append(t)
+    return sorted(front, key=lambda t: t["sparsity"])
+
+
+def dense_baseline(trials: list[TrialRecord]) -> dict[str, Any]:
+    """Dense accuracy from the first method (registry order) that measures one — the dense
+    trials (mean over seeds), else the IMP chains' first, unpruned round — and the dense
+    trials' cost."""
+    dense = {"test_acc": None, "val_acc": None, "source": None}
+    for method in methods():
+        if method.baseline is None:
+            continue
+        prefix, source = method.baseline
+        finals = [t.final for t in trials if t.method == method.name
+                  and t.final.get(f"{prefix}test_acc") is not None]
+        if finals:
+            dense = {"test_acc": _mean([f.get(f"{prefix}test_acc") for f in finals]),
+                     "val_acc": _mean([f.get(f"{prefix}val_acc") for f in finals]),
+                     "source": source}
+            break
+    mine = [t for t in trials if not get_method(t.method).makes_tickets]
+    phases = tuple(p for t in mine for p in get_method(t.method).search_phases)
+    return dense | {"trials": len(mine),
+                    "epochs": _cost([t.ledger.phase_epochs(phases) for t in mine]),
+                    "wall_clock_s": _cost([t.ledger.wall_clock_s for t in mine])}
+
+
+def method_report(trials: list[TrialRecord], dense_acc: float | None,
+                  tolerance: float) -> dict[str, Any]:
+    """One method's tickets, matching tickets, frontier and costs."""
+    method = get_method(trials[0].method)
+    tickets = ticket_rows(trials)
+    matching = [] if dense_acc is None else [
+        t for t in tickets if t["test_acc"] is not None and t["test_acc"] >= dense_acc - tolerance]
+    search = [t.ledger.phase_epochs(method.search_phases) for t in trials]
+    walls = [t.ledger.wall_clock_s for t in trials]
+    n = len(tickets)
+    return {
+        "label": method.label,
+        "trials": len(trials),
+        "tickets": tickets,
+        "matching": matching,
+        "sparsest_matching": max(matching, key=lambda t: (t["sparsity"], t["test_acc"]),
+                                 default=None),
+        "pareto": pareto_front(tickets),
+        "search_epochs": _cost(search),
+        "retrain_epochs": _cost([t.ledger.phase_epochs(("retrain",)) for t in trials]),
+        "wall_clock_s": _cost(walls),
+        "device_s": sum(t.ledger.device_s for t in trials),
+        "per_ticket": {"search_epochs": sum(search) / n if n else None,
+                       "wall_clock_s": sum(walls) / n if n else None},
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
+def cost_ratios(methods_: dict[str, Any], top: str, bottom: str) -> dict[str, float | None]:
+    """``top``/``bottom`` of every cost figure."""
+    a, b = methods_[top], methods_[bottom]
+    out = {}
+    for key in ("search_epochs", "retrain_epochs", "wall_clock_s"):
+        for part in ("critical_path", "total"):
+            out[f"{key}.{part}"] = _ratio(a[key][part], b[key][part])
+    out["device_s"] = _ratio(a["device_s"], b["device_s"])
+    for key in ("search_epochs", "wall_clock_s"):
+        out[f"per_ticket.{key}"] = _ratio(a["per_ticket"][key], b["per_ticket"][key])
+    return out
+
+
+def frontier_comparison(methods_: dict[str, Any], challenger: str = "cs",
+                        reference: str = "imp") -> dict[str, Any] | None:
+    """For each ticket on the challenger's frontier: does it match or beat the reference's
+    best test accuracy at equal or higher sparsity?"""
+    if challenger not in methods_ or reference not in methods_:
+        return None
+    ref = [t for t in methods_[reference]["tickets"] if t["test_acc"] is not None]
+    rows = []
+    for t in methods_[challenger]["pareto"]:
+        rivals = [r["test_acc"] for r in ref if r["sparsity"] >= t["sparsity"]]
+        best = max(rivals, default=None)
+        rows.append({"name": t["name"], "trial_id": t["trial_id"], "sparsity": t["sparsity"],
+                     "test_acc": t["test_acc"], "reference_best_test_acc": best,
+                     "dominates": best is None or t["test_acc"] >= best})
+    wins = sum(r["dominates"] for r in rows)
+    return {"challenger": challenger, "reference": reference, "tickets": rows,
+            "dominating": wins, "of": len(rows)}
+
+
+def timeline(trials: list[TrialRecord]) -> list[dict[str, Any]]:
+    """Every attempt of every trial as (start, end) seconds since the job's first start."""
+    windows = [(t, w) for t in trials for w in t.ledger.attempt_windows]
+    if not windows:
+        return []
+    origin = min(w[0] for _, w in windows)
+    return [{"trial_id": t.trial_id, "trial": t.title, "method": t.method,
+             "start_s": round(w[0] - origin, 3), "end_s": round(w[1] - origin, 3)}
+            for t, w in sorted(windows, key=lambda item: item[1][0])]
+
+
+def makespan(trials: list[TrialRecord]) -> float:
+    """First trial start to last trial end, over every attempt of every trial."""
+    windows = [w for t in trials for w in t.ledger.attempt_windows]
+    return max(w[1] for w in windows) - min(w[0] for w in windows) if windows else 0.0
+
+
+def orchestration_costs(trials: list[TrialRecord], driver_wall_s: float,
+                        startup_s: float) -> dict[str, float]:
+    """A driver session's wall-clock vs the trials' own: what running them through Ray cost
+    (trial process start-up, scheduling, reporting), Ray's own start-up apart."""
+    walls = [t.ledger.wall_clock_s for t in trials]
+    critical = max(walls, default=0.0)
+    return {
+        "ray_startup_s": round(startup_s, 3),
+        "driver_wall_s": round(driver_wall_s, 3),
+        "trial_wall_clock_sum_s": round(sum(walls), 3),
+        "critical_path_trial_s": round(critical, 3),
+        "overhead_s": round(driver_wall_s - critical, 3),
+        "overhead_fraction": round((driver_wall_s - critical) / critical, 4) if critical else 0.0,
+    }
+
+
+def build_report(record: JobRecord, tolerance: float = 0.01,
+                 parent_run_id: str | None = None) -> dict[str, Any]:
+    """The report of a job as a ``Report`` document (validated), in plain JSON types."""
+    trials = record.trials
+    if not trials:
+        raise ReportError(f"job {record.job!r} has no finished trial to report on")
+    dense = dense_baseline(trials)
+    present = [m.name for m in methods()
+               if m.makes_tickets and any(t.method == m.name for t in trials)]
+    by_method = {m: method_report([t for t in trials if t.method == m], dense["test_acc"],
+                                  tolerance) for m in present}
+    ratios = {f"{a}/{b}": cost_ratios(by_method, a, b)
+              for a, b in RATIO_PAIRS if a in by_method and b in by_method}
+    report = Report(
+        job={"name": record.job, "spec_hash": record.spec_hash,
+             "parent_run_id": parent_run_id or (record.tracking or {}).get("parent_run_id")},
+        dense=dense, tolerance=tolerance,
+        makespan_s=record.makespan_s if record.makespan_s is not None else makespan(trials),
+        methods=by_method, ratios=ratios, frontier=frontier_comparison(by_method),
+        recipes=recipe_comparison(trials), timeline=timeline(trials),
+        orchestration=None if record.orchestration is None else record.orchestration.model_dump(),
+    )
+    return report.model_dump(mode="json")
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Raise pydantic's ValidationError if ``report`` is not a ``Report`` document."""
+    Report.model_validate(report)

@@ -1,0 +1,172 @@
+"""The job lifecycle, shared by every executor: check the tracking store, open the job
+directory, expand the trials once, start tracking, run one trial (the single per-trial body),
+close the job and report on it from the job directory.
+
+The executors — ``local.py`` (in this process) and ``cluster.py`` (Ray Tune) — only decide
+*where* trials run::
+
+    run = JobRun(spec, storage, track, echo)     # tracking store checked; nothing written
+    run.open()                                   # job dir, spec.yaml, MLflow runs
+    for trial in run.unfinished():
+        run_one_trial(trial, run.root, run.tracker)   # here, or inside a Ray trial
+    outcome = run.close()                        # summary.json, parent run closed, report
+
+A job directory is named ``<name>-<spec hash>``: the same spec again is the same job, whose
+finished trials are not trained again and whose unfinished ones resume from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .analysis import makespan, orchestration_costs
+from .hooks import EpochEvent, RoundEvent
+from .jobdir import TrialDirHooks, job_dir, read_result, write_text_atomic
+from .records import JobRecord, TrialRecord, record_json
+from .spec import JobSpec, TrialSpec, dump_job
+
+Echo = Callable[[str], None]
+
+
+class NullTracker:
+    """The tracker of an untracked job: hooks pass through, nothing is logged.
+    (``tracking.JobTracking`` is the MLflow one; both are small picklable values.)"""
+
+    def start(self, job, job_dir: Path, trials, ray_address: str | None = None) -> str | None:
+        return None
+
+    def trial_hooks(self, inner, trial_id: str):
+        return inner
+
+    def run_id(self, trial_id: str) -> str | None:
+        return None
+
+    def finish_trial(self, hooks, result) -> bool:
+        return True
+
+    def close(self, job_dir: Path, status: str) -> None:
+        pass
+
+    def describe(self) -> dict[str, str] | None:
+        return None
+
+
+def make_tracker(job: JobSpec, storage: str | Path | None, track: bool):
+    """The job's tracker: MLflow's (its store checked to answer) or the null one."""
+    if not track:
+        return NullTracker()
+    from .tracking import JobTracking
+
+    return JobTracking.for_job(job, storage)
+
+
+class JobRun:
+    """One session of running a job: its spec, trials (expanded once), directory, tracker."""
+
+    def __init__(self, spec: JobSpec, storage: str | Path | None = None, track: bool = True,
+                 echo: Echo = print):
+        self.spec, self.echo = spec, echo
+        self.trials = spec.trials()
+        self.tracker = make_tracker(spec, storage, track)
+        self.root = job_dir(storage or spec.storage.path, spec.name, spec.spec_hash())
+        self.started = time.time()
+
+    def open(self, ray_address: str | None = None, note: str = "") -> None:
+        """Create the job directory (with ``spec.yaml``) and start tracking."""
+        (self.root / "trials").mkdir(parents=True, exist_ok=True)
+        spec_path = self.root / "spec.yaml"
+        if not spec_path.exists():
+            spec_path.write_text(dump_job(self.spec))
+        line = self.tracker.start(self.spec, self.root, self.trials, ray_address)
+        if line:
+            self.echo(line)
+        self.echo(f"job {self.spec.name} ({self.spec.spec_hash()}) -> {self.root}{note}")
+        self.started = time.time()
+
+    def trial_dir(self, trial: TrialSpec) -> Path:
+        return self.root / "trials" / trial.trial_id
+
+    def unfinished(self) -> list[TrialSpec]:
+        return [t for t in self.trials if read_result(self.trial_dir(t)) is None]
+
+    def finished(self) -> list[TrialRecord]:
+        records = [read_result(self.trial_dir(t)) for t in self.trials]
+        return [r for r in records if r is not None]
+
+    def close(self, status: str = "FINISHED", failed: Sequence[str] = (),
+              ray_startup_s: float | None = None) -> dict[str, Any]:
+        """Write ``summary.json``, close the parent run, write the report (unless trials
+        failed). Returns the job record as JSON with ``job_dir`` and ``report`` added. A
+        tracking or report failure here loses nothing: the results are on disk."""
+        trials = self.finished()
+        driver_wall_s = time.time() - self.started
+        record = JobRecord(
+            job=self.spec.name, spec_hash=self.spec.spec_hash(), job_dir=str(self.root),
+            status=status, driver_wall_s=driver_wall_s, makespan_s=makespan(trials),
+            orchestration=None if ray_startup_s is None else
+            orchestration_costs(trials, driver_wall_s, ray_startup_s),
+            failed_trials=list(failed), tracking=self.tracker.describe(), trials=trials)
+        write_text_atomic(self.root / "summary.json", record_json(record))
+        try:
+            self.tracker.close(self.root, status)
+        except Exception as err:
+            self.echo(f"could not close the parent run ({type(err).__name__}); "
+                      f"run `ticketsearch sync {self.root}` once the tracking server is back")
+        report = None if failed else make_report(self.root, self.echo)
+        return record.model_dump(mode="json") | {"report": report}
+
+
+def run_one_trial(trial: TrialSpec, root: Path, tracker, data=None,
+                  progress: Callable[[Any], None] | None = None) -> tuple[TrialRecord, bool]:
+    """Run (or resume) one trial into its trial directory, logging through ``tracker``;
+    ``progress`` sees every event. Returns its record and whether everything reached the
+    tracking store (False: some of it waits in the trial's journal for ``sync``)."""
+    from .data import load_dataset
+    from .methods import run_trial
+    from .training import resolve_device
+
+    dir_hooks = TrialDirHooks(root / "trials" / trial.trial_id, progress=progress)
+    hooks = tracker.trial_hooks(dir_hooks, trial.trial_id)
+    if data is None:
+        data = load_dataset(trial.data, resolve_device(trial.train.device))
+    result = run_trial(trial, data, hooks)
+    record = dir_hooks.write_result(result, trial.name, tracker.run_id(trial.trial_id))
+    return record, tracker.finish_trial(hooks, result)
+
+
+def make_report(root: Path, echo: Echo) -> dict[str, Any] | None:
+    """Write the job's report from its directory (and attach it to the parent run); a
+    failure here never loses the job's results, which are on disk."""
+    from .report import report_job
+    from .tracking import log_report
+
+    try:
+        report = report_job(root, log=False)
+    except Exception as err:
+        echo(f"could not build the report ({type(err).__name__}: {err}); run "
+             f"`ticketsearch report {root}` later")
+        return None
+    echo(f"report: {root / 'report' / 'report.md'}")
+    try:
+        log_report(root, root / "report")
+    except Exception as err:
+        echo(f"could not attach the report to the parent run ({type(err).__name__}); run "
+             f"`ticketsearch report {root}` once the tracking server is back")
+    return report
+
+
+def round_printer(echo: Echo) -> Callable[[Any], None]:
+    """A progress callback printing one line per finished round."""
+
+    def progress(event) -> None:
+        if isinstance(event, RoundEvent):
+            acc = "-" if event.test_acc is None else f"{event.test_acc:.4f}"
+            echo(f"  {event.trial_id}: {event.phase} round {event.round + 1} done, "
+                 f"sparsity {event.sparsity:.3f}, test acc {acc}")
+        elif isinstance(event, EpochEvent):
+            return
+
+    return progress
