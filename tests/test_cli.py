@@ -25,13 +25,14 @@ from ticketsearch.spec import load_job
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO_ROOT / "jobs" / "quickstart.yaml"
 
-QUICKSTART_S0 = [-0.02, -0.01, -0.005, 0.0]
+QUICKSTART_TARGETS = [1 - 0.8**k for k in (3, 5, 10, 15, 20)]  # IMP's densities
 QUICKSTART_IDS = [
     "dense-seed=0",
-    "cs-s0=-0.02-lam=1e-08-beta=200-seed=0",
-    "cs-s0=-0.01-lam=1e-08-beta=200-seed=0",
-    "cs-s0=-0.005-lam=1e-08-beta=200-seed=0",
-    "cs-s0=0-lam=1e-08-beta=200-seed=0",
+    "cs-target=0.488-s0=0.5-beta=200-seed=0",
+    "cs-target=0.67232-s0=0.5-beta=200-seed=0",
+    "cs-target=0.892626-s0=0.5-beta=200-seed=0",
+    "cs-target=0.964816-s0=0.5-beta=200-seed=0",
+    "cs-target=0.988471-s0=0.5-beta=200-seed=0",
     "imp-global-p=0.2-seed=0",
 ]
 
@@ -70,35 +71,36 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 # --------------------------------------------------------------------------- validate
 
 
-def test_validate_quickstart_lists_its_six_trials(capsys):
+def test_validate_quickstart_lists_its_seven_trials(capsys):
     status, out, err = run_cli(capsys, "validate", str(QUICKSTART))
     assert status == 0, err
     assert err == ""
     assert "valid job 'quickstart'" in out
-    assert "6 trials:" in out
+    assert "7 trials:" in out
     listed = [line.split()[0] for line in out.splitlines()[1:]]
     assert listed == QUICKSTART_IDS
 
 
-def test_validate_json_lists_six_resolved_trials(capsys):
+def test_validate_json_lists_seven_resolved_trials(capsys):
     status, out, _ = run_cli(capsys, "validate", str(QUICKSTART), "--json")
     assert status == 0
     trials = json.loads(out)
     assert [t["trial_id"] for t in trials] == QUICKSTART_IDS
-    assert [t["method"] for t in trials] == ["dense", "cs", "cs", "cs", "cs", "imp"]
-    assert [t["settings"]["mask_init"] for t in trials[1:5]] == QUICKSTART_S0
-    assert trials[5]["settings"]["rounds"] == 30
+    assert [t["method"] for t in trials] == ["dense"] + ["cs"] * 5 + ["imp"]
+    targets = [t["settings"]["target_sparsity"] for t in trials[1:6]]
+    assert targets == pytest.approx(QUICKSTART_TARGETS)
+    assert trials[6]["settings"]["rounds"] == 30
     assert all(t["train"]["epochs_per_round"] == 85 for t in trials)
 
 
 def test_validate_override_narrows_the_cs_sweep_to_one_setting(capsys):
     status, out, _ = run_cli(
-        capsys, "validate", str(QUICKSTART), "--set", "methods.cs.sweep.mask_init=[0.0]"
+        capsys, "validate", str(QUICKSTART), "--set", "methods.cs.imp_rounds=[10]"
     )
     assert status == 0
     assert "3 trials:" in out
     listed = [line.split()[0] for line in out.splitlines()[1:]]
-    assert listed == ["dense-seed=0", "cs-s0=0-lam=1e-08-beta=200-seed=0",
+    assert listed == ["dense-seed=0", "cs-target=0.892626-s0=0.5-beta=200-seed=0",
                       "imp-global-p=0.2-seed=0"]
 
 

@@ -16,7 +16,7 @@ from conftest import tiny_job_dict
 from pydantic import Field
 
 from ticketsearch.cli import main
-from ticketsearch.methods import Method, TrialRun, method_names, register
+from ticketsearch.methods import Method, TrialRun, method_names, register, unregister
 from ticketsearch.methods.retrain import planned_retrain_epochs, retrain_pending
 from ticketsearch.spec import MethodSpec, SpecError, format_number, job_json_schema, parse_job
 
@@ -51,12 +51,24 @@ def identity(spec: RandomSpec, swept: frozenset[str]) -> tuple[str, str]:
     return f"random-s={sparsity}-seed={spec.seed}", f"random s={sparsity} seed={spec.seed}"
 
 
-register(Method(
+def planned_epochs(trial) -> int:
+    return planned_retrain_epochs(trial, 1)
+
+
+RANDOM = Method(
     name="random", spec=RandomSpec, run=run_random, identity=identity,
-    planned_epochs=lambda trial: planned_retrain_epochs(trial, 1),
-    description="Random pruning at a fixed sparsity", label="random", order=40,
-    search_phases=(),
-))
+    planned_epochs=planned_epochs, description="Random pruning at a fixed sparsity",
+    label="random", order=40, search_phases=(),
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def random_method():
+    """Registered for this module's tests (a Ray worker registers it from the trial's
+    payload); other test modules see the built-in methods only."""
+    register(RANDOM)
+    yield RANDOM
+    unregister(RANDOM.name)
 
 
 def test_the_registered_method_is_part_of_the_spec_and_its_schema():

@@ -34,7 +34,7 @@ def test_quickstart_report_shows_the_one_to_six_critical_path(quickstart):
     assert cs["search_epochs"]["critical_path"] == 5 * 2
     assert imp["search_epochs"]["critical_path"] == 30 * 2
     assert report["ratios"]["imp/cs"]["search_epochs.critical_path"] == 6.0
-    assert cs["search_epochs"]["total"] == 4 * 5 * 2
+    assert cs["search_epochs"]["total"] == 5 * 5 * 2
     assert report["dense"]["test_acc"] is not None and report["dense"]["source"] == "dense trials"
     masked = 64 * 300 + 300 * 100 + 100 * 10
     sparsities = {t["name"]: t["sparsity"] for t in imp["tickets"]}
@@ -42,7 +42,9 @@ def test_quickstart_report_shows_the_one_to_six_critical_path(quickstart):
     for k in range(1, 31):
         assert abs(sparsities[f"round-{k:02d}"] - (1 - 0.8**k)) <= k / masked
     assert all(t["run_id"] for m in report["methods"].values() for t in m["tickets"])
-    assert len(report["timeline"]) == 6
+    assert len(report["timeline"]) == 7
+    assert [row["imp"]["ticket"] for row in report["paired"]] == [
+        "round-03", "round-05", "round-10", "round-15", "round-20"]
 
 
 def test_report_files_and_plots_are_written(quickstart):

@@ -165,7 +165,7 @@ def test_unknown_sweep_axis_lists_allowed_axes() -> None:
     raw = {"name": "job", "methods": {"cs": {"sweep": {"s0": [0.0]}}}}
     assert problems_of(raw) == [
         "methods.cs.sweep.s0: unknown sweep axis; allowed sweep axes are: "
-        "beta_final, lambda, mask_init, seed"
+        "beta_final, lambda, mask_init, seed, target_sparsity"
     ]
     raw = {"name": "job", "methods": {"imp": {"sweep": {"lambda": [1e-8]}}}}
     assert problems_of(raw) == [
@@ -405,7 +405,8 @@ def test_json_schema_is_exportable() -> None:
     assert "properties" in schema and set(schema["required"]) == {"name", "methods"}
     cs_props = schema["$defs"]["CSSpec"]["properties"]
     assert "lambda" in cs_props and "lambda_" not in cs_props
-    assert set(cs_props["sweep"]["properties"]) == {"lambda", "beta_final", "mask_init", "seed"}
+    assert set(cs_props["sweep"]["properties"]) == {"lambda", "beta_final", "mask_init",
+                                                    "target_sparsity", "seed"}
     assert cs_props["sweep"]["properties"]["lambda"]["items"]["minimum"] == 0
     assert '"scaled"' in text
 

@@ -64,6 +64,7 @@ class MethodReport(_Doc):
     wall_clock_s: Cost
     device_s: float
     per_ticket: PerTicket
+    groups: list[Group]
 
 
 class DenseBaseline(_Doc):
@@ -112,6 +113,47 @@ class TimelineRow(_Doc):
     end_s: float
 
 
+class Stat(_Doc):
+    """A quantity over ``n`` seeds: mean, sample standard deviation and the 95 % interval of
+    the mean (t-distribution; sd and interval are null for one seed)."""
+
+    n: int
+    mean: float | None
+    sd: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+class Group(_Doc):
+    """One ticket of one setting, aggregated over the setting's seeds."""
+
+    group: str
+    ticket: str
+    seeds: list[int | None]
+    target_sparsity: float | None
+    sparsity: Stat
+    val_acc: Stat
+    test_acc: Stat
+    matching: bool
+
+
+class PairedSide(_Doc):
+    group: str
+    ticket: str
+    sparsity: Stat
+    test_acc: Stat
+
+
+class PairedRow(_Doc):
+    """One target sparsity: each method's ticket there, and CS − IMP paired by seed."""
+
+    target_sparsity: float
+    cs: PairedSide
+    imp: PairedSide | None
+    rigl: PairedSide | None
+    difference: Stat | None  # test accuracy, CS − IMP, over seeds present in both
+
+
 class JobInfo(_Doc):
     name: str
     spec_hash: str
@@ -131,6 +173,8 @@ class Report(_Doc):
     frontier: Frontier | None
     recipes: list[RecipeRow]
     timeline: list[TimelineRow]
+    paired: list[PairedRow] = []
+    test_examples: int | None = None
     orchestration: dict[str, float] | None = None
 
 
@@ -151,6 +195,85 @@ def _cost(values: list[float]) -> dict[str, float]:
 def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def stat(values: list[float | None]) -> dict[str, Any]:
+    """``Stat`` of the non-null ``values``: mean, sample sd, 95 % t-interval of the mean."""
+    values = [v for v in values if v is not None]
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci_low": None, "ci_high": None}
+    mean = sum(values) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "sd": None, "ci_low": None, "ci_high": None}
+    from scipy.stats import t
+
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = float(t.ppf(0.975, n - 1)) * sd / n ** 0.5
+    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def ticket_groups(trials: list[TrialRecord], dense_acc: float | None,
+                  tolerance: float) -> list[dict[str, Any]]:
+    """Each (setting, ticket name) over the setting's seeds; ``matching`` when the mean test
+    accuracy is at least the dense accuracy minus ``tolerance``. Least sparse first."""
+    found: dict[tuple[str, str], list] = {}
+    for trial in trials:
+        for ticket in trial.tickets:
+            found.setdefault((trial.group or trial.title, ticket.name), []).append(
+                (trial.seed, ticket))
+    groups = []
+    for (group, name), members in found.items():
+        tickets = [t for _, t in members]
+        test = stat([t.test_acc for t in tickets])
+        groups.append({
+            "group": group, "ticket": name, "seeds": [seed for seed, _ in members],
+            "target_sparsity": tickets[0].target_sparsity,
+            "sparsity": stat([t.sparsity for t in tickets]),
+            "val_acc": stat([t.val_acc for t in tickets]), "test_acc": test,
+            "matching": None not in (dense_acc, test["mean"])
+            and test["mean"] >= dense_acc - tolerance,
+        })
+    return sorted(groups, key=lambda g: (g["sparsity"]["mean"], g["group"], g["ticket"]))
+
+
+def paired_comparison(trials: list[TrialRecord], methods_: dict[str, Any]) -> list[dict]:
+    """For every CS target: CS, and IMP and RigL tickets of the same sparsity (to 0.5 points,
+    the closest), with CS − IMP test accuracy paired by seed."""
+    if "cs" not in methods_:
+        return []
+    rows = []
+    for cs in methods_["cs"]["groups"]:
+        if cs["target_sparsity"] is None:
+            continue
+        row = {"target_sparsity": cs["target_sparsity"], "cs": _side(cs), "imp": None,
+               "rigl": None, "difference": None}
+        for rival in ("imp", "rigl"):
+            match = _closest(methods_.get(rival, {}).get("groups", []), cs["sparsity"]["mean"])
+            row[rival] = None if match is None else _side(match)
+        if row["imp"] is not None:
+            row["difference"] = _paired_difference(trials, cs, row["imp"])
+        rows.append(row)
+    return rows
+
+
+def _side(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: group[k] for k in ("group", "ticket", "sparsity", "test_acc")}
+
+
+def _closest(groups: list[dict[str, Any]], sparsity: float) -> dict[str, Any] | None:
+    near = [g for g in groups if abs(g["sparsity"]["mean"] - sparsity) <= 0.005]
+    return min(near, key=lambda g: abs(g["sparsity"]["mean"] - sparsity), default=None)
+
+
+def _paired_difference(trials: list[TrialRecord], cs: dict, imp: dict) -> dict[str, Any]:
+    """CS − IMP test accuracy for each seed both groups have."""
+    def by_seed(group: str, name: str) -> dict:
+        return {t.seed: k.test_acc for t in trials if (t.group or t.title) == group
+                for k in t.tickets if k.name == name and k.test_acc is not None}
+
+    a, b = by_seed(cs["group"], cs["ticket"]), by_seed(imp["group"], imp["ticket"])
+    return stat([a[seed] - b[seed] for seed in sorted(a.keys() & b.keys(), key=str)])
 
 
 def ticket_rows(trials: list[TrialRecord]) -> list[dict[str, Any]]:
@@ -248,6 +371,7 @@ def method_report(trials: list[TrialRecord], dense_acc: float | None,
         "device_s": sum(t.ledger.device_s for t in trials),
         "per_ticket": {"search_epochs": sum(search) / n if n else None,
                        "wall_clock_s": sum(walls) / n if n else None},
+        "groups": ticket_groups(trials, dense_acc, tolerance),
     }
 
 
@@ -340,6 +464,8 @@ def build_report(record: JobRecord, tolerance: float = 0.01,
         makespan_s=record.makespan_s if record.makespan_s is not None else makespan(trials),
         methods=by_method, ratios=ratios, frontier=frontier_comparison(by_method),
         recipes=recipe_comparison(trials), timeline=timeline(trials),
+        paired=paired_comparison(trials, by_method),
+        test_examples=max((t.data_sizes.get("test", 0) for t in trials), default=0) or None,
         orchestration=None if record.orchestration is None else record.orchestration.model_dump(),
     )
     return report.model_dump(mode="json")

@@ -22,6 +22,7 @@ CHECKPOINT_VERSION = 2
 CHECKPOINT_KEYS = frozenset({
     "version", "method", "trial_id", "stage", "stage_index", "round", "epoch", "model",
     "optimizer", "generator", "torch_rng", "snapshot", "ledger", "tickets", "pending", "rounds",
+    "extra",
 })
 
 
@@ -120,6 +121,7 @@ class TrialResult:
     ledger: EpochLedger
     rounds: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
+    data_sizes: dict[str, int] = field(default_factory=dict)  # examples per split
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary: tickets (no tensors; with their per-recipe retraining results
@@ -131,6 +133,7 @@ class TrialResult:
             "rounds": self.rounds,
             "final": self.final,
             "ledger": self.ledger.summary(),
+            "data_sizes": self.data_sizes,
         }
 
 

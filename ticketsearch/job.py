@@ -133,7 +133,7 @@ def run_one_trial(trial: TrialSpec, root: Path, tracker, data=None,
     if data is None:
         data = load_dataset(trial.data, resolve_device(trial.train.device))
     result = run_trial(trial, data, hooks)
-    record = dir_hooks.write_result(result, trial.name, tracker.run_id(trial.trial_id))
+    record = dir_hooks.write_result(result, trial, tracker.run_id(trial.trial_id))
     return record, tracker.finish_trial(hooks, result)
 
 

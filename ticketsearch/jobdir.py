@@ -125,10 +125,13 @@ class TrialDirHooks(Hooks):
     def epochs_reported(self) -> int:
         return self._reported
 
-    def write_result(self, result: TrialResult, name: str | None = None,
+    def write_result(self, result: TrialResult, trial=None,
                      run_id: str | None = None) -> TrialRecord:
-        """Write ``result.json`` (the trial is finished) and drop the checkpoint."""
-        record = TrialRecord.model_validate(result.summary() | {"name": name, "run_id": run_id})
+        """Write ``result.json`` (the trial is finished; ``trial``, its TrialSpec, names it)
+        and drop the checkpoint."""
+        names = {} if trial is None else {"name": trial.name, "group": trial.group,
+                                           "seed": trial.seed}
+        record = TrialRecord.model_validate(result.summary() | names | {"run_id": run_id})
         for ticket in record.tickets:
             ticket.path = str(self.dir / "tickets" / ticket.name)
         write_text_atomic(self.dir / "result.json", record_json(record))

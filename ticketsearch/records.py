@@ -39,6 +39,8 @@ class TicketRecord(_Record):
     test_acc: float | None = None
     search_epochs: int | None = None
     retrain_epochs: int | None = None
+    target_sparsity: float | None = None  # the sparsity the method aimed at, if any
+    achieved_sparsity: float | None = None  # targeted CS: before any exact rounding
     recipe: str | None = None
     recipes: dict[str, RecipeResult] | None = None
     path: str | None = None
@@ -79,11 +81,14 @@ class TrialRecord(_Record):
     trial_id: str
     method: str
     name: str | None = None  # readable trial name
+    group: str | None = None  # readable name of its setting without the seed
+    seed: int | None = None
     run_id: str | None = None  # its MLflow run, when tracked
     tickets: list[TicketRecord]
     rounds: list[RoundRecord]
     final: dict[str, float | int | None]
     ledger: LedgerRecord
+    data_sizes: dict[str, int] = Field(default_factory=dict)  # examples per split
 
     @property
     def title(self) -> str:

@@ -104,6 +104,15 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _mean_ci(value: dict[str, Any] | None, signed: bool = False) -> str:
+    if value is None or value["mean"] is None:
+        return "-"
+    sign = "+" if signed else ""
+    if value["ci_low"] is None:
+        return f"{value['mean']:{sign}.4f}"
+    return f"{value['mean']:{sign}.4f} [{value['ci_low']:{sign}.4f}, {value['ci_high']:{sign}.4f}]"
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """The terminal summary: tickets per method, costs per method, ratios, the frontier
     comparison and (for Ray runs) the orchestration overhead."""
@@ -138,6 +147,13 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"{frontier['challenger']} frontier tickets at or above the best "
                      f"{frontier['reference']} accuracy of equal or higher sparsity: "
                      f"{frontier['dominating']}/{frontier['of']}")
+    if report.get("paired"):
+        lines.append("at equal sparsity (test acc, mean [95 % interval] over seeds):")
+        for r in report["paired"]:
+            imp = "-" if r["imp"] is None else _mean_ci(r["imp"]["test_acc"])
+            lines.append(f"  target {r['target_sparsity']:.3f}: cs "
+                         f"{_mean_ci(r['cs']['test_acc'])}  imp {imp}  cs-imp "
+                         f"{_mean_ci(r['difference'], signed=True)}")
     lines.append(f"makespan {_fmt(report['makespan_s'], 1)}s")
     costs = report.get("orchestration")
     if costs:
@@ -155,8 +171,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     out = [f"# Report: {job['name']} ({job['spec_hash']})", "",
            f"Dense baseline test accuracy: **{_fmt(dense['test_acc'])}** "
            f"({dense['source'] or 'no dense baseline in this job'}). Matching tickets: test "
-           f"accuracy ≥ dense − {report['tolerance']}. Job makespan: "
-           f"{_fmt(report['makespan_s'], 1)} s.", "",
+           f"accuracy ≥ dense − {report['tolerance']} (over seeds: the mean). Job makespan: "
+           f"{_fmt(report['makespan_s'], 1)} s.{_test_split_note(report)}", "",
            "## Cost per method (from the ledgers: epochs trained, seconds spent)", "",
            "| method | trials | tickets | search epochs (critical path / total) | retraining "
            "epochs (critical path / total) | wall-clock s (critical path / total) | device-s "
@@ -186,6 +202,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             out.append(f"| {r['method']} | {r['trial_id']} / {r['ticket']} | "
                        f"{r['sparsity']:.4f} | {r['recipe']}{' (primary)' if r['primary'] else ''}"
                        f" | {_fmt(r['test_acc'])} | {delta} |")
+    out += _paired_markdown(report) + _groups_markdown(report)
     out += ["", "![Pareto frontier](pareto.png)", "", "![Cost](cost.png)", "",
             "![Timeline](timeline.png)"]
     for name, m in report["methods"].items():
@@ -206,6 +223,61 @@ def format_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _test_split_note(report: dict[str, Any]) -> str:
+    n = report.get("test_examples")
+    if not n:
+        return ""
+    return (f" The test split has {n} examples: one point of accuracy is {n / 100:g} "
+            f"test images.")
+
+
+def _stat(value: dict[str, Any] | None, digits: int = 4) -> str:
+    """``mean ± sd [low, high] (n)`` — or just the value for one seed."""
+    if value is None or value["mean"] is None:
+        return "-"
+    if value["sd"] is None:
+        return f"{value['mean']:.{digits}f}"
+    return (f"{value['mean']:.{digits}f} ± {value['sd']:.{digits}f} "
+            f"[{value['ci_low']:.{digits}f}, {value['ci_high']:.{digits}f}] (n={value['n']})")
+
+
+def _paired_markdown(report: dict[str, Any]) -> list[str]:
+    rows = report.get("paired") or []
+    if not rows:
+        return []
+    out = ["", "## Tickets at equal sparsity", "",
+           "Each CS target next to the IMP (and RigL) ticket of the same sparsity (to 0.5 "
+           "points). Test accuracy as mean ± sd [95 % interval] over seeds; the difference is "
+           "CS − IMP paired by seed.", "",
+           "| target | CS sparsity | CS test acc | IMP ticket | IMP test acc | RigL test acc "
+           "| CS − IMP |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        imp, rigl = r["imp"], r["rigl"]
+        out.append(f"| {r['target_sparsity']:.4f} | {_stat(r['cs']['sparsity'])} | "
+                   f"{_stat(r['cs']['test_acc'])} | "
+                   f"{'-' if imp is None else imp['group'] + ' / ' + imp['ticket']} | "
+                   f"{'-' if imp is None else _stat(imp['test_acc'])} | "
+                   f"{'-' if rigl is None else _stat(rigl['test_acc'])} | "
+                   f"{_stat(r['difference'])} |")
+    return out
+
+
+def _groups_markdown(report: dict[str, Any]) -> list[str]:
+    """Per-setting tables over seeds, for methods run with more than one seed."""
+    out = []
+    for name, m in report["methods"].items():
+        groups = [g for g in m["groups"] if len(g["seeds"]) > 1]
+        if not groups:
+            continue
+        out += ["", f"## {name} tickets over seeds", "",
+                "| setting / ticket | seeds | sparsity | test acc | matching (mean) |",
+                "| --- | --- | --- | --- | --- |"]
+        out += [f"| {g['group']} / {g['ticket']} | {len(g['seeds'])} | {_stat(g['sparsity'])} "
+                f"| {_stat(g['test_acc'])} | {'yes' if g['matching'] else ''} |"
+                for g in groups]
+    return out
+
+
 def _pyplot():
     import matplotlib
 
@@ -223,6 +295,7 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
         color = COLORS.get(name, "#9467bd")
         ax.scatter([t["sparsity"] for t in scored], [t["test_acc"] for t in scored], s=18,
                    alpha=0.5, color=color)
+        _error_bars(ax, m["groups"], color)
         ax.plot([t["sparsity"] for t in m["pareto"]], [t["test_acc"] for t in m["pareto"]],
                 marker="o", color=color, label=f"{name} frontier")
     if report["dense"]["test_acc"] is not None:
@@ -235,6 +308,18 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _error_bars(ax, groups: list[dict[str, Any]], color: str) -> None:
+    """Mean and 95 % interval of the tickets run with several seeds."""
+    multi = [g for g in groups if g["test_acc"]["ci_low"] is not None]
+    if not multi:
+        return
+    means = [g["test_acc"]["mean"] for g in multi]
+    ax.errorbar([g["sparsity"]["mean"] for g in multi], means,
+                yerr=[[m - g["test_acc"]["ci_low"] for m, g in zip(means, multi)],
+                      [g["test_acc"]["ci_high"] - m for m, g in zip(means, multi)]],
+                fmt="s", ms=4, capsize=3, color=color, alpha=0.9)
 
 
 def plot_cost(report: dict[str, Any], path: Path) -> None:

@@ -714,6 +714,12 @@ class TrialSpec(_Spec):
             return value
         return get_method(method).spec.model_validate(value)
 
+    @property
+    def group(self) -> str:
+        """The readable name of its setting without the seed: trials that differ only in their
+        seed form one group, aggregated over seeds in the report."""
+        return re.sub(r"[ -]?seed=-?\d+", "", self.name).strip()
+
     def to_json(self) -> str:
         """The trial as JSON (``TrialSpec.model_validate_json`` reads it back)."""
         return self.model_dump_json(by_alias=True)
@@ -851,7 +857,10 @@ class JobSpec(_Spec):
     def _expand(self, name: str, section: MethodSpec) -> list[TrialSpec]:
         from .methods import get_method
 
-        method, swept = get_method(name), frozenset(section.sweep)
+        method = get_method(name)
+        if method.prepare is not None:
+            section = method.prepare(section, self.methods)
+        swept = frozenset(section.sweep)
         common = {"job_name": self.name, "data": self.data, "model": self.model,
                   "train": self.train, "retrain": self.retrain, "resources": self.resources}
         trials = []

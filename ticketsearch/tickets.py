@@ -68,7 +68,7 @@ class Ticket:
     def summary(self) -> dict[str, Any]:
         """Small JSON-able description (no tensors)."""
         keys = ("method", "trial_id", "round", "val_acc", "test_acc", "search_epochs",
-                "retrain_epochs")
+                "retrain_epochs", "target_sparsity", "achieved_sparsity")
         return {"name": self.name, "sparsity": self.sparsity,
                 **{k: self.meta.get(k) for k in keys}}
 

@@ -81,13 +81,14 @@ def train_epoch(
     on_step: Callable[[int], None] | None = None,
     after_backward: Callable[[int], None] | None = None,
     batch_loss: Callable[[nn.Module, Tensor, Tensor, int], Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> EpochStats:
     """One pass over ``batches``: loss (+ ``extra_loss()``), backward, step.
 
     The loss is ``batch_loss(model, x, y, i)`` when given, else ``cross_entropy(model(x), y)``;
     the reported ``train_loss`` is its batch-size-weighted mean. ``on_step(i)`` runs before
-    step ``i`` (0-based within the epoch) and ``after_backward(i)`` after its backward pass,
-    before the optimizer step. The batch losses are kept on the device and read once at the
+    step ``i`` (0-based within the epoch), ``after_backward(i)`` after its backward pass,
+    before the optimizer step, and ``after_step(i)`` after the optimizer step. The batch losses are kept on the device and read once at the
     end, so the loop never syncs per step (and does no per-step bookkeeping beyond that:
     ``bench overhead`` holds it to a minimal loop).
     """
@@ -107,6 +108,8 @@ def train_epoch(
         if after_backward is not None:
             after_backward(step)
         optimizer.step()
+        if after_step is not None:
+            after_step(step)
         losses.append(loss.detach())
         sizes.append(y.shape[0])
     if not sizes:

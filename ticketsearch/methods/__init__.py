@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..hooks import Hooks, TrialResult
 from . import cs, dense, imp, rigl
 from .base import TrialRun
-from .registry import Method, get_method, method_names, methods, register
+from .registry import Method, get_method, method_names, methods, register, unregister
 from .retrain import retrain_ticket
 
 for _module in (dense, cs, imp, rigl):
@@ -30,4 +30,4 @@ def planned_epochs(trial) -> int:
 
 
 __all__ = ["Method", "TrialRun", "get_method", "method_names", "methods", "planned_epochs",
-           "register", "retrain_ticket", "run_trial"]
+           "register", "retrain_ticket", "run_trial", "unregister"]

@@ -72,6 +72,7 @@ class TrialRun:
         self.tickets: list[Ticket] = []  # emitted (final)
         self.pending: list[Ticket] = []  # found, awaiting retraining
         self.rounds_done: list[dict[str, Any]] = []
+        self.extra: dict[str, torch.Tensor] = {}  # a runner's own state (checkpointed)
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.stage, self.stage_index, self.round, self.epoch = "", -1, 0, 0
@@ -85,7 +86,7 @@ class TrialRun:
         self.ledger.touch()
         tickets = sorted(self.tickets, key=lambda t: t.name)
         return TrialResult(self.trial.trial_id, self.trial.method, tickets, self.ledger,
-                           self.rounds_done, final)
+                           self.rounds_done, final, dict(self.data.sizes))
 
     def begin(self) -> None:
         """Restore everything but the model from the hooks' checkpoint, if there is one."""
@@ -134,7 +135,7 @@ class TrialRun:
     def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int | None = None,
             *, snapshot_at: int | None = None, before_epoch: StepHook | None = None,
             on_step: StepHook | None = None, after_backward: StepHook | None = None,
-            extra_loss: Callable[[], torch.Tensor] | None = None,
+            after_step: StepHook | None = None, extra_loss: Callable[[], torch.Tensor] | None = None,
             batch_loss: Callable[[], Any] | None = None,
             lr_factor: Callable[[int], float] | None = None,
             recipe: str | None = None) -> tuple[float | None, float | None]:
@@ -142,8 +143,8 @@ class TrialRun:
         epochs; return its (val, test) accuracy at the end.
 
         ``snapshot_at``: take the rewind snapshot before that epoch. ``before_epoch(e)`` runs
-        before epoch ``e``; ``on_step(i)`` / ``after_backward(i)`` before step ``i`` of the
-        round and after its backward pass; ``extra_loss()`` is added to every step's loss;
+        before epoch ``e``; ``on_step(i)`` / ``after_backward(i)`` / ``after_step(i)`` before
+        step ``i`` of the round, after its backward pass and after its optimizer step; ``extra_loss()`` is added to every step's loss;
         ``batch_loss()`` makes the epoch's batch loss (None = cross-entropy) after its batches
         are drawn; the LR is the step schedule times ``lr_factor(e)``; ``recipe`` labels the
         events of a retraining round.
@@ -168,7 +169,8 @@ class TrialRun:
             stats = train_epoch(model, batches, optimizer, extra_loss,
                                 _offset(on_step, epoch * per_epoch),
                                 _offset(after_backward, epoch * per_epoch),
-                                None if batch_loss is None else batch_loss())
+                                None if batch_loss is None else batch_loss(),
+                                _offset(after_step, epoch * per_epoch))
             val, test = self._epoch_end(epoch, epochs, lr, stats, recipe)
         self._round_end(epochs, val, test, recipe)
         return val, test
@@ -269,7 +271,7 @@ class TrialRun:
             "snapshot": self.snapshot, "ledger": self.ledger.to_dict(),
             "tickets": [ticket_state(t) for t in self.tickets],
             "pending": [ticket_state(t) for t in self.pending],
-            "rounds": self.rounds_done,
+            "rounds": self.rounds_done, "extra": self.extra,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -282,6 +284,7 @@ class TrialRun:
         self.snapshot = None if state["snapshot"] is None else {
             k: v.to(self.device) for k, v in state["snapshot"].items()}
         self.rounds_done = list(state["rounds"])
+        self.extra = {k: v.to(self.device) for k, v in state["extra"].items()}
         snapshot_cpu = clone_state(self.snapshot) if self.snapshot else {}
         self.tickets = [Ticket(t["name"], t["masks"], snapshot_cpu, t["meta"])
                         for t in state["tickets"]]

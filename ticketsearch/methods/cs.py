@@ -4,13 +4,14 @@ is ``s > 0``, then retrained from the rewind point."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field
+import torch
+from pydantic import ConfigDict, Field, field_validator
 
 from ..sparsity import cs
 from ..sparsity.masks import add_soft_masks
-from ..spec import MethodSpec, format_number
+from ..spec import MethodSpec, SpecError, format_number
 from .base import TrialRun
 from .registry import Method
 from .retrain import planned_retrain_epochs, retrain_pending
@@ -20,7 +21,8 @@ class CSSpec(MethodSpec):
     """Continuous Sparsification (Savarese et al. 2020) ticket search."""
 
     model_config = ConfigDict(populate_by_name=True)
-    sweep_axes: ClassVar[tuple[str, ...]] = ("lambda", "beta_final", "mask_init", "seed")
+    sweep_axes: ClassVar[tuple[str, ...]] = ("lambda", "beta_final", "mask_init",
+                                             "target_sparsity", "seed")
 
     rounds: int = Field(5, ge=1, description="Search rounds of E epochs each.")
     lambda_: float = Field(
@@ -47,32 +49,90 @@ class CSSpec(MethodSpec):
         description="Mask-logit reset between rounds: scaled = min(beta_end * s, s0) (paper), "
         "clip = min(s, s0) (reference code).",
     )
+    target_sparsity: Annotated[float, Field(gt=0, lt=1)] | Literal["imp"] | None = Field(
+        None,
+        description="Steer the search to end at this sparsity: the ticket's kept fraction is "
+        "constrained to 1 - target by a learned non-negative multiplier, a threshold on the "
+        "mask logits (lambda and mask_init are then unused); 'imp' = one trial at each density "
+        "the job's IMP chain reaches after the rounds in imp_rounds; null = plain CS.",
+    )
+    imp_rounds: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [3, 5, 10, 15, 20],
+        description="With target_sparsity: imp, the IMP rounds whose ticket densities "
+        "(1 - prune_fraction)^k the CS trials aim at.",
+    )
+    target_rounding: Literal["none", "exact"] = Field(
+        "none",
+        description="none: the ticket is s > 0 (its sparsity lands near the target); exact: "
+        "keep the top (1 - target) fraction of entries by s, the target to one weight.",
+    )
+    multiplier_lr: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Step of the sparsity multiplier: the fraction of its gap to the round's "
+        "target density it closes after every training step.",
+    )
+    target_mask_init: float = Field(
+        0.5,
+        description="Initial mask logit s0 of targeted trials (mask_init is for plain CS): "
+        "above 0, so nothing is pruned until the multiplier asks.",
+    )
+    target_schedule: Literal["constant", "geometric"] = Field(
+        "geometric",
+        description="Density each round aims at: constant = the final target from round 1; "
+        "geometric = (1 - target)^((r + 1) / rounds), reaching it in the last round.",
+    )
     seed: int = Field(0, description="Seed of weight initialisation and data order.")
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
-        description="Grid axes (allowed: lambda, beta_final, mask_init, seed), each a non-empty "
-        "list of values; one CS trial per point of their cartesian product.",
+        description="Grid axes (allowed: lambda, beta_final, mask_init, target_sparsity, seed), "
+        "each a non-empty list of values; one CS trial per point of their cartesian product.",
     )
+
+    @field_validator("sweep")
+    @classmethod
+    def _numeric_targets(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """A target_sparsity axis lists numbers ('imp' is a value of the scalar knob)."""
+        if any(not isinstance(v, float) for v in sweep.get("target_sparsity", [])):
+            raise ValueError("target_sparsity values must be numbers in (0, 1); to aim at the "
+                             "IMP chain's densities set methods.cs.target_sparsity: imp")
+        return sweep
 
 
 def run_cs(run: TrialRun) -> dict[str, Any]:
     """Search ``rounds`` rounds, take the ticket ``s > 0``, retrain it."""
     s, epochs = run.settings, run.train.epochs_per_round
+    targeted = s.target_sparsity is not None
     if run.enter("search"):
         model = run.new_model()
-        add_soft_masks(model, run.layer_names, s.mask_init)
+        add_soft_masks(model, run.layer_names, s.target_mask_init if targeted else s.mask_init)
         optimizer = run.new_optimizer(model)
         for rnd in run.rounds(s.rounds):
             run.fit(model, optimizer, snapshot_at=run.train.rewind_epoch if rnd == 0 else None,
                     before_epoch=epoch_temperature(model, s, epochs),
                     on_step=step_temperature(model, s, epochs, run.data, run.train.batch_size),
-                    extra_loss=penalty(model, s.lambda_))
+                    after_step=target_step(run, model, rnd),
+                    extra_loss=None if targeted else penalty(model, s.lambda_))
             if rnd + 1 < s.rounds:
                 cs.soft_reset(model, s.soft_reset, cs.current_beta(model))
+                run.extra.get("multiplier", torch.zeros(())).zero_()  # folded into the logits
                 optimizer = run.new_optimizer(model)
-        run.pending = [run.make_ticket("final", cs.ticket_masks(model), round=s.rounds)]
+        run.pending = [make_ticket(run, model)]
     retrain_pending(run)
     return {}
+
+
+def make_ticket(run: TrialRun, model):
+    """The ticket ``s > 0`` (or, with exact rounding, the top entries by ``s``)."""
+    s, achieved = run.settings, cs.cs_sparsity(model)
+    if s.target_sparsity is None:
+        return run.make_ticket("final", cs.ticket_masks(model), round=s.rounds)
+    exact = s.target_rounding == "exact"
+    masks = cs.round_to_density(model, 1 - s.target_sparsity) if exact else cs.ticket_masks(model)
+    return run.make_ticket("final", masks, round=s.rounds, target_sparsity=s.target_sparsity,
+                           achieved_sparsity=achieved,
+                           multiplier=float(run.extra["multiplier"]))
 
 
 def epoch_temperature(model, s: CSSpec, epochs: int):
@@ -97,17 +157,66 @@ def penalty(model, lam: float):
     return lambda: lam * cs.l0_penalty(model)
 
 
+def target_step(run: TrialRun, model, rnd: int):
+    """With a target: after every step, the sparsity multiplier's step towards the density
+    round ``rnd`` aims at (None without a target)."""
+    s = run.settings
+    if s.target_sparsity is None:
+        return None
+    multiplier = run.extra.setdefault("multiplier", torch.zeros((), device=run.device))
+    density = round_density(s, rnd)
+    return lambda step: cs.threshold_step(model, multiplier, density, s.multiplier_lr)
+
+
+def round_density(s: CSSpec, rnd: int) -> float:
+    """The kept fraction round ``rnd`` aims at."""
+    final = 1.0 - s.target_sparsity
+    if s.target_schedule == "constant":
+        return final
+    return final ** ((rnd + 1) / s.rounds)
+
+
 def identity(spec: CSSpec, swept: frozenset[str]) -> tuple[str, str]:
+    """Plain CS is named by s0, lambda, beta; targeted CS by its target, s0 and beta."""
     s0, lam, beta = (format_number(x) for x in (spec.mask_init, spec.lambda_, spec.beta_final))
-    return (f"cs-s0={s0}-lam={lam}-beta={beta}-seed={spec.seed}",
-            f"cs s0={s0} λ={lam} β={beta} seed={spec.seed}")
+    if spec.target_sparsity is None:
+        return (f"cs-s0={s0}-lam={lam}-beta={beta}-seed={spec.seed}",
+                f"cs s0={s0} λ={lam} β={beta} seed={spec.seed}")
+    target = format_number(round(spec.target_sparsity, 6))
+    s0 = format_number(spec.target_mask_init)
+    return (f"cs-target={target}-s0={s0}-beta={beta}-seed={spec.seed}",
+            f"cs target={target} s0={s0} β={beta} seed={spec.seed}")
 
 
 def planned_epochs(trial) -> int:
     return trial.settings.rounds * trial.train.epochs_per_round + planned_retrain_epochs(trial, 1)
 
 
+def aim_at_imp(section: CSSpec, sections: dict[str, Any]) -> CSSpec:
+    """``target_sparsity: imp``: one target per IMP round in ``imp_rounds``, the density
+    ``(1 - prune_fraction)^k`` that the job's IMP chain reaches after round k."""
+    if section.target_sparsity != "imp":
+        return section
+    imp = sections.get("imp")
+    where = "methods.cs.target_sparsity"
+    if imp is None:
+        raise SpecError(f"{where}: 'imp' aims at the IMP chain's densities, but the job has no "
+                        "methods.imp; add one or give the target as a number")
+    if "prune_fraction" in imp.sweep or "target_sparsity" in section.sweep:
+        raise SpecError(f"{where}: 'imp' needs one IMP prune_fraction and no target_sparsity "
+                        "sweep axis; remove methods.imp.sweep.prune_fraction or the cs axis")
+    rounds = max(imp.sweep.get("rounds", [imp.rounds]))
+    if max(section.imp_rounds) > rounds:
+        raise SpecError(f"methods.cs.imp_rounds: round {max(section.imp_rounds)} is past the "
+                        f"IMP chain's last round ({rounds}); lower it or raise methods.imp.rounds")
+    targets = [round(1 - (1 - imp.prune_fraction) ** k, 10)
+               for k in sorted(set(section.imp_rounds))]
+    return section.model_copy(update={"target_sparsity": None,
+                                      "sweep": {**section.sweep, "target_sparsity": targets}})
+
+
 METHOD = Method(
     name="cs", spec=CSSpec, run=run_cs, identity=identity, planned_epochs=planned_epochs,
     description="Continuous Sparsification ticket search", label="cs", order=10,
+    prepare=aim_at_imp,
 )

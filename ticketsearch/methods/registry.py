@@ -25,6 +25,9 @@ class Method:
     ``planned_epochs(trial)`` is for progress display only (reports count the ledger).
     ``baseline`` names the final metrics that hold a dense accuracy, as (key prefix, source
     text), for methods that measure one (the dense baseline, an IMP chain's first round).
+    ``prepare(section, sections)``, if given, resolves a section against the job's other
+    method sections before it is expanded (e.g. CS aimed at the IMP chain's densities); it
+    raises ``spec.SpecError`` naming the field when it cannot.
     """
 
     name: str
@@ -38,6 +41,7 @@ class Method:
     search_phases: tuple[str, ...] = ("search",)
     makes_tickets: bool = True
     baseline: tuple[str, str] | None = None
+    prepare: Callable[[Any, dict[str, Any]], Any] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -57,6 +61,14 @@ def register(method: Method) -> Method:
 
     spec.forget_methods_model()
     return method
+
+
+def unregister(name: str) -> None:
+    """Remove the method ``name`` (if registered)."""
+    _METHODS.pop(name, None)
+    from .. import spec
+
+    spec.forget_methods_model()
 
 
 def methods() -> list[Method]:

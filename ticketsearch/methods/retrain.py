@@ -76,4 +76,5 @@ def retrain_ticket(ticket: Ticket, trial, data, hooks: Hooks | None = None) -> T
         run.pending = [Ticket(ticket.name, ticket.masks, ticket.rewind_state, meta)]
     retrain_pending(run)
     run.ledger.touch()
-    return TrialResult(trial.trial_id, trial.method, run.tickets, run.ledger, run.rounds_done)
+    return TrialResult(trial.trial_id, trial.method, run.tickets, run.ledger, run.rounds_done,
+                       {}, dict(data.sizes))

@@ -61,6 +61,43 @@ def l0_penalty(model: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
+def threshold_step(model: nn.Module, multiplier: Tensor, density: float, rate: float) -> None:
+    """One step of the sparsity multiplier of targeted CS (in place, no host sync).
+
+    The multiplier ``tau >= 0`` is a threshold subtracted from every logit: this step moves
+    the logits down by ``rate`` times the gap between 0 and the logit quantile at which
+    ``s > 0`` keeps exactly ``density`` of the entries (or back up, never past ``tau = 0``).
+    So the kept fraction tracks the target whatever the logits' scale, a logit pushed below
+    the threshold comes back if the data gradient lifts it above the others, and a target
+    already met leaves ``tau`` at 0.
+    """
+    masks = list(soft_masks(model).values())
+    logits = torch.cat([mask.logits.flatten() for mask in masks])
+    pruned = min(max(round((1.0 - density) * logits.numel()), 1), logits.numel())
+    gap = torch.kthvalue(logits, pruned).values
+    shift = torch.maximum(rate * gap, -multiplier)
+    for mask in masks:
+        mask.logits.sub_(shift)
+    multiplier.add_(shift)
+
+
+@torch.no_grad()
+def round_to_density(model: nn.Module, density: float) -> dict[str, Tensor]:
+    """Binary masks keeping exactly ``round(density * n)`` of the ``n`` masked entries, those
+    with the largest logits (ties broken by position): a ticket at the target to one weight."""
+    masks = soft_masks(model)
+    logits = torch.cat([mask.logits.flatten() for mask in masks.values()])
+    keep = torch.zeros(logits.numel(), dtype=torch.bool, device=logits.device)
+    keep[torch.topk(logits, round(density * logits.numel()), sorted=False).indices] = True
+    out, start = {}, 0
+    for name, mask in masks.items():
+        n = mask.logits.numel()
+        out[name] = keep[start:start + n].view_as(mask.logits).cpu()
+        start += n
+    return out
+
+
+@torch.no_grad()
 def soft_reset(model: nn.Module, rule: str, beta_end: float) -> None:
     """Reset mask logits between search rounds.
 
