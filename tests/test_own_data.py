@@ -243,3 +243,16 @@ def test_data_and_dataset_together_is_a_spec_error():
     assert error.value.problems == [
         "data.dataset: give either data.dataset (with its root) or data.factory, not both",
         "data.root: give either data.dataset (with its root) or data.factory, not both"]
+
+
+def test_a_factory_job_survives_its_normalised_dump_and_its_trials_json(tmp_path):
+    from ticketsearch.spec import TrialSpec, dump_job, load_job, parse_job
+
+    job = parse_job({"name": "j", "methods": {"cs": {}},
+                     "model": {"factory": "m.nets:build", "kwargs": {"width": 4}},
+                     "data": {"factory": "m.data:load", "kwargs": {"n": 3}}})
+    (tmp_path / "job.yaml").write_text(dump_job(job))
+    again = load_job(tmp_path / "job.yaml")
+    assert again == job and again.spec_hash() == job.spec_hash()
+    (trial,) = job.trials()
+    assert TrialSpec.model_validate_json(trial.to_json()) == trial

@@ -126,7 +126,6 @@ FACTORY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_]
 MODEL_LIBRARIES: tuple[str, ...] = ("torchvision", "timm")
 """Libraries whose classifiers ``model.name`` names as ``"<library>:<architecture>"``."""
 _LIBRARY_MODEL_PATTERN = rf"^({'|'.join(MODEL_LIBRARIES)}):[A-Za-z0-9_.]+$"
-_SOURCE_FIELDS = {"dataset", "root", "download"}
 
 
 def _check_factory_path(value: str | None) -> str | None:
@@ -222,8 +221,9 @@ class DataSpec(_Spec):
         """File-backed datasets need a root directory; only some can be downloaded; a
         factory replaces the dataset."""
         if self.factory is not None:
-            named = sorted(_SOURCE_FIELDS & self.model_fields_set
-                           - ({"dataset"} if self.dataset == "digits" else set()))
+            named = [name for name, given in (("dataset", self.dataset != "digits"),
+                                              ("root", self.root is not None),
+                                              ("download", self.download)) if given]
             if named:
                 _raise_problems("DataSpec", [((name,), "give either data.dataset (with its "
                                 "root) or data.factory, not both", getattr(self, name))

@@ -95,7 +95,7 @@ def _import_module(name: str, field: str) -> Any:
 
 
 def _searched() -> str:
-    return ", ".join(entry or os.getcwd() for entry in sys.path)
+    return ", ".join(dict.fromkeys(entry or os.getcwd() for entry in sys.path))
 
 
 def _origin(module: Any) -> str:
