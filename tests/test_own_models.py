@@ -117,6 +117,15 @@ def test_inspect_output_for_the_example_is_pinned(capsys):
     assert capsys.readouterr().out == EXAMPLE_INSPECT
 
 
+def test_the_readme_shows_the_example_as_it_is():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme[readme.index("## Use your own model"):]
+    blocks = section.split("```")
+    assert blocks[1] == "python\n" + (EXAMPLES / "my_cnn.py").read_text()
+    assert blocks[3] == "yaml\n" + (EXAMPLES / "my_cnn.yaml").read_text()
+    assert blocks[7] == "text\n" + EXAMPLE_INSPECT
+
+
 def test_the_example_runs_in_process(tmp_path, capsys):
     argv = ["run", str(EXAMPLES / "my_cnn.yaml"), "--in-process", "--no-tracking",
             "--storage", str(tmp_path), "--set", "train.epochs_per_round=2",
@@ -323,6 +332,21 @@ def test_bad_models_exit_2_naming_the_field_and_write_nothing(case, tmp_path, ca
     assert err.startswith("error: ") and "Traceback" not in err
     assert re.match(pattern.format(folder=re.escape(str(tmp_path))), err[7:]), err
     assert not storage.exists()
+
+
+def test_an_activation_recipe_needs_relu_modules_in_an_own_model(tmp_path, capsys):
+    write_package(tmp_path, "own_recipes")  # its Net calls torch.relu
+    data = job_dict("own", "own_recipes", retrain={"recipes": ["vanilla", "silu"]})
+    job = write_job(tmp_path, data)
+    assert main(["validate", str(job)]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: retrain.recipes: the activation silu replaces nn.ReLU modules, but "
+        "own_recipes.nets:build_net has none (it may call torch.relu in forward)")
+    data["model"] = {"name": "torchvision:resnet18"}
+    data["data"] = {"dataset": "synthetic", "synthetic_shape": [3, 16, 16],
+                    "synthetic_size": 16}
+    assert main(["validate", str(write_job(tmp_path, data))]) == 0
+    assert "preflight: torchvision:resnet18 on synthetic: 20 of 41" in capsys.readouterr().out
 
 
 def test_import_factory_rejects_a_non_callable(tmp_path):
