@@ -3,7 +3,6 @@ data loader, as a researcher would have them (``<name>/nets.py``, ``<name>/data.
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
 
@@ -70,8 +69,3 @@ def job_dict(job: str, package: str, **top) -> dict:
     data.update(top)
     return data
 
-
-def forget(prefix: str) -> None:
-    """Drop the modules ``prefix`` and ``prefix.*`` from this process."""
-    for module in [m for m in sys.modules if m == prefix or m.startswith(prefix + ".")]:
-        del sys.modules[module]
