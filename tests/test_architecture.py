@@ -17,7 +17,8 @@ from ticketsearch.spec import JobSpec, load_job, parse_job
 PACKAGE = Path(__file__).resolve().parents[1] / "ticketsearch"
 JOBS = PACKAGE.parent / "jobs"
 CORE = ["spec.py", "catalog.py", "data.py", "models.py", "training.py", "tickets.py",
-        "recipes.py", "hooks.py", "records.py", "analysis.py", "sparsity", "methods"]
+        "recipes.py", "hooks.py", "records.py", "analysis.py", "sparsity", "methods",
+        "usercode.py", "layers.py", "userdata.py", "preflight.py"]
 
 
 def imports_of(path: Path) -> set[str]:

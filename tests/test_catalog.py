@@ -115,7 +115,7 @@ def test_model_inputs_name_known_fixed_shape_datasets() -> None:
 
 def test_dataset_names_in_schema_order_and_keyed_by_name() -> None:
     assert catalog.DATASET_NAMES == (
-        "digits", "synthetic", "cifar10", "cifar100", "mnist", "imagenet",
+        "digits", "synthetic", "cifar10", "cifar100", "mnist", "imagenet", "folder",
     )  # fmt: skip
     assert tuple(DATASETS) == catalog.DATASET_NAMES
     assert all(entry.name == name for name, entry in DATASETS.items())
@@ -134,7 +134,7 @@ def test_dataset_inputs_and_images() -> None:
     assert catalog.dataset_inputs("mnist", [64]) == "1-channel 28x28 images"
     assert catalog.dataset_inputs("synthetic", (3, 8, 8)) == "synthetic_shape [3, 8, 8]"
     images = {name for name in catalog.DATASET_NAMES if catalog.is_image_data(name, [64])}
-    assert images == {"cifar10", "cifar100", "mnist", "imagenet"}
+    assert images == {"cifar10", "cifar100", "mnist", "imagenet", "folder"}
     assert catalog.is_image_data("synthetic", [3, 8, 8])
     assert not catalog.is_image_data("digits", [3, 8, 8])
 
@@ -182,7 +182,9 @@ def test_spec_literals_are_the_catalog_names() -> None:
 
 def test_json_schema_enums_are_the_catalog_names() -> None:
     schema = spec.job_json_schema()
-    assert _schema_node(schema, "model", "name")["enum"] == list(catalog.MODEL_NAMES)
+    name = _schema_node(schema, "model", "name")
+    assert name["anyOf"][0]["enum"] == list(catalog.MODEL_NAMES)  # or torchvision:/timm:
+    assert name["anyOf"][1]["pattern"].startswith("^(torchvision|timm):")
     assert _schema_node(schema, "data", "dataset")["enum"] == list(catalog.DATASET_NAMES)
 
 

@@ -76,7 +76,8 @@ def row_multiset(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_dataset_names_lists_every_dataset():
-    assert dataset_names() == ["cifar10", "cifar100", "digits", "imagenet", "mnist", "synthetic"]
+    assert dataset_names() == ["cifar10", "cifar100", "digits", "folder", "imagenet", "mnist",
+                               "synthetic"]
 
 
 def test_unknown_dataset_names_the_field_and_choices():

@@ -105,7 +105,7 @@ def test_specs_are_frozen() -> None:
 
 def test_unknown_top_level_key_lists_allowed_keys() -> None:
     assert problems_of(minimal(trian={})) == [
-        "trian: unknown key; allowed keys are: data, description, methods, model, name, "
+        "trian: unknown key; allowed keys are: code, data, description, methods, model, name, "
         "resources, retrain, storage, tracking, train (did you mean 'train'?)"
     ]
 

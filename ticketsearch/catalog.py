@@ -59,6 +59,9 @@ class DatasetEntry:
     ``synthetic``: the example shape is ``data.synthetic_shape``. ``inputs``: what it feeds
     the model, for messages; a template with ``{shape}`` when ``synthetic``. ``images``:
     examples are ``(C, H, W)`` images (a synthetic dataset is one when its shape has 3 dims).
+    ``known_inputs``: the input shape is known before loading (False for a folder of images
+    of any size: the preflight's dry forward pass checks it instead). ``layout``: what
+    ``data.root`` must hold, in words (for datasets that cannot be downloaded).
     """
 
     name: str
@@ -69,14 +72,17 @@ class DatasetEntry:
     images: bool
     description: str
     synthetic: bool = False
+    known_inputs: bool = True
+    layout: str = ""
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     """A model ``model.name`` can name.
 
-    ``builder`` is ``"module:function"``; the function takes ``(num_classes, input_shape,
-    mlp_hidden=..., activation=...)`` and returns a fresh ``torch.nn.Module``.
+    ``builder`` is ``"module:function"``, a model factory like any ``model.factory``: it takes
+    ``(num_classes, input_shape, mlp_hidden=..., activation=...)`` and returns a fresh
+    ``torch.nn.Module``.
     ``masked_layers``: default fnmatch patterns over module names of the masked layers.
     Accepted inputs: ``datasets`` names the non-synthetic datasets it takes (``None``: every
     dataset, synthetic of any shape included); ``synthetic`` the synthetic shapes it takes
@@ -203,6 +209,19 @@ DATASETS: dict[str, DatasetEntry] = {
             inputs="3-channel 224x224 images",
             images=True,
             description="ImageNet class folders data.root/train and data.root/val",
+            layout="the ImageNet train/ and val/ folders",
+        ),
+        DatasetEntry(
+            name="folder",
+            loader="ticketsearch.data:load_folder_dataset",
+            needs_root=True,
+            downloadable=False,
+            inputs="images from class folders",
+            images=True,
+            description="any ImageFolder tree: data.root/<class>/*, or data.root/train "
+            "(+ val, test) of class folders",
+            known_inputs=False,
+            layout="a folder of class subfolders (or train/, val/, test/ folders of them)",
         ),
     )
 }
@@ -245,9 +264,12 @@ def model_fits_data(
 ) -> str | None:
     """None when model ``model_name`` takes dataset ``dataset_name``'s inputs, else the
     problem in words, e.g. "resnet20 expects 3-channel 32x32 images (...); dataset mnist
-    gives 1-channel 28x28 images". KeyError if either name is unknown."""
-    model, dataset = MODELS[model_name], DATASETS[dataset_name]
-    if model.accepts(dataset, synthetic_shape):
+    gives 1-channel 28x28 images". None too when either side is only known once built (a
+    ``torchvision:``/``timm:`` model, a folder of images): the preflight's dry forward pass
+    checks those. KeyError if the dataset name is unknown."""
+    dataset = DATASETS[dataset_name]
+    model = MODELS.get(model_name)
+    if model is None or not dataset.known_inputs or model.accepts(dataset, synthetic_shape):
         return None
     gives = dataset_inputs(dataset_name, synthetic_shape)
     return f"{model_name} expects {model.expects}; dataset {dataset_name} gives {gives}"

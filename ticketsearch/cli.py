@@ -25,9 +25,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .spec import SpecError
     from .submit import SubmitError
     from .tracking import TrackingError
+    from .usercode import UserCodeError
 
     return (SpecError, DatasetError, ModelError, TicketFormatError, CheckpointError,
-            TrackingError, ClusterError, SubmitError, ReportError, FileNotFoundError)
+            TrackingError, ClusterError, SubmitError, ReportError, UserCodeError,
+            FileNotFoundError)
+
+
+def _load_with_code(args):
+    """The job spec of ``args.job`` (with ``--set`` overrides), its own code's folders put on
+    the import path: the spec's folder, the current directory, ``code.py_modules``' folders.
+    Returns the spec and those folders."""
+    from .spec import load_job
+    from .usercode import add_import_paths, code_paths
+
+    job = load_job(args.job, args.overrides)
+    paths = code_paths(args.job, job.code.py_modules)
+    add_import_paths(paths)
+    return job, tuple(paths)
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -77,11 +92,14 @@ def cmd_resume(args) -> int:
     """Resume a job from its directory (``<storage>/<job>-<hash>``), by id or path."""
     from .cluster import run_job_on_ray
     from .spec import load_job
+    from .usercode import add_import_paths, code_paths
 
     folder = _job_dir_arg(args.job_id, args.storage)
     job = load_job(folder / "spec.yaml")
+    paths = code_paths(None)
+    add_import_paths(paths)
     outcome = run_job_on_ray(job, storage=folder.parent, address=args.address,
-                             track=not args.no_tracking)
+                             track=not args.no_tracking, code_paths=tuple(paths))
     return _print_outcome(outcome)
 
 
@@ -96,10 +114,11 @@ def _print_outcome(outcome: dict) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .spec import load_job
+    from .preflight import inspect_job, needs_preflight, summary_line
 
-    job = load_job(args.job, args.overrides)
+    job, _ = _load_with_code(args)
     trials = job.trials()
+    checked = inspect_job(job) if args.preflight or needs_preflight(job) else None
     if args.json:
         print(json.dumps([t.model_dump(mode="json", by_alias=True) for t in trials], indent=2))
         return 0
@@ -108,6 +127,16 @@ def cmd_validate(args) -> int:
     for trial in trials:
         res = trial.resources
         print(f"  {trial.trial_id:50s} {trial.name}  [cpus={res.cpus:g} gpus={res.gpus:g}]")
+    if checked is not None:
+        print(summary_line(checked))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .preflight import format_inspection, inspect_job
+
+    job, _ = _load_with_code(args)
+    print(format_inspection(inspect_job(job)))
     return 0
 
 
@@ -119,9 +148,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .spec import load_job
-
-    job = load_job(args.job, args.overrides)
+    job, paths = _load_with_code(args)
     if args.in_process:
         from .local import run_job_locally
 
@@ -132,7 +159,7 @@ def cmd_run(args) -> int:
         outcome = run_job_on_ray(job, storage=args.storage, address=args.address,
                                  track=not args.no_tracking,
                                  check_resources=not args.skip_resource_check,
-                                 dashboard=args.dashboard)
+                                 dashboard=args.dashboard, code_paths=paths)
     return _print_outcome(outcome)
 
 
@@ -204,14 +231,28 @@ def cmd_submit(args) -> int:
     extra = [flag for flag, on in (("--no-tracking", args.no_tracking),
                                    ("--skip-resource-check", args.skip_resource_check)) if on]
     job_id = submit_job(args.job, args.address, args.overrides, storage=args.storage,
-                        extra_args=extra)
+                        extra_args=extra, ship=not args.no_ship, py_modules=args.py_modules,
+                        pip=args.pip)
     address = resolve_address(args.address)
     print(job_id)
+    print(_shipped(args))
     print(f"submitted to {address}; follow it with:\n"
           f"  ticketsearch logs {job_id} --address {address} --follow\n"
           f"  ticketsearch status {job_id} --address {address}\n"
           f"  ticketsearch stop {job_id} --address {address}")
     return _follow_job(args, job_id) if args.wait else 0
+
+
+def _shipped(args) -> str:
+    """What ``submit`` sent of the job's own code, in words."""
+    from .spec import load_job
+    from .submit import code_to_ship
+
+    if args.no_ship:
+        return "your code: not shipped (--no-ship); the cluster must already have it"
+    code = code_to_ship(args.job, load_job(args.job, args.overrides), args.py_modules)
+    names = ", ".join(f"{p.name}{'/' if p.is_dir() else ''}" for p in code)
+    return f"your code: shipped {names}" if code else "your code: none found to ship"
 
 
 def _follow_job(args, job_id: str) -> int:
@@ -337,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     submit.add_argument("--skip-resource-check", action="store_true",
                         help="do not refuse trials larger than every current node (autoscaling)")
+    submit.add_argument("--no-ship", action="store_true",
+                        help="do not upload your code (the Python modules of the spec's folder "
+                        "and the current directory, code.py_modules, --py-module)")
+    submit.add_argument("--py-module", dest="py_modules", action="append", default=[],
+                        metavar="PATH", help="also ship this package folder or .py file "
+                        "(repeatable)")
+    submit.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                        help="a pip requirement the cluster installs for the job, added to "
+                        "code.pip (repeatable)")
     wait_args(submit, "--wait", "stream the logs until the job ends; exit 0 if it SUCCEEDED, "
               "else 1")
     submit.set_defaults(func=cmd_submit)
@@ -402,7 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a job spec and list its trials")
     _add_spec_args(validate)
     validate.add_argument("--json", action="store_true", help="print the trials as JSON")
+    validate.add_argument("--preflight", action="store_true",
+                          help="also build the model and one batch for a built-in model on a "
+                          "built-in dataset (always done for your own model or data)")
     validate.set_defaults(func=cmd_validate)
+
+    inspect = sub.add_parser("inspect", help="build the model and one batch: every weight "
+                             "layer, masked or not and why, sizes, one forward pass")
+    _add_spec_args(inspect)
+    inspect.set_defaults(func=cmd_inspect)
 
     schema = sub.add_parser("schema", help="print the job spec's JSON schema")
     schema.set_defaults(func=cmd_schema)

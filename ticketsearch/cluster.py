@@ -60,15 +60,21 @@ def _configure_torch(trial) -> None:
         torch.cuda.set_per_process_memory_fraction(gpus)
 
 
-def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict) -> None:
+def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict,
+                   code_paths: tuple[str, ...] = ()) -> None:
     """The Tune trainable: run (or resume) the one trial its config carries.
 
     ``methods`` are the registry entries of the job's methods (unpickling them imports their
-    modules here); entries this worker does not know yet are registered."""
+    modules here); entries this worker does not know yet are registered. ``code_paths`` (the
+    driver's folders of the job's own code) go on this worker's import path, where they exist
+    (on a cluster without shared folders the code comes as Ray's working_dir/py_modules)."""
     from ray import tune
 
     from .methods import method_names, planned_epochs, register
     from .spec import TrialSpec
+    from .usercode import add_import_paths
+
+    add_import_paths(p for p in code_paths if Path(p).is_dir())
 
     for method in methods.values():
         if method.name not in method_names():
@@ -206,14 +212,15 @@ def _trial_id(trial) -> str:
     return trial.config["trial"]["trial_id"]
 
 
-def _tuner(run: JobRun, pending: list, echo):
+def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = ()):
     from ray import tune
 
     from .methods import get_method
 
     methods = {name: get_method(name) for name in run.spec.methods}
     trainable = tune.with_parameters(trial_function, job_dir=str(run.root.resolve()),
-                                     tracker=run.tracker, methods=methods)
+                                     tracker=run.tracker, methods=methods,
+                                     code_paths=tuple(code_paths))
     resources = {t.trial_id: t.resources for t in run.trials}
     trainable = tune.with_resources(trainable, _resource_request(resources))
     storage = str((run.root / "ray").resolve())
@@ -253,9 +260,11 @@ def _resource_request(resources: dict[str, Any]) -> Callable[[dict], dict]:
 
 def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str | None = None,
                    echo: Callable[[str], None] = print, track: bool = True,
-                   check_resources: bool = True, dashboard: bool = False) -> dict[str, Any]:
+                   check_resources: bool = True, dashboard: bool = False,
+                   code_paths: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or resume) every unfinished trial of ``job`` as Ray Tune trials; returns the job
-    record (as JSON, with ``job_dir`` and ``report``)."""
+    record (as JSON, with ``job_dir`` and ``report``). ``code_paths``: folders of the job's
+    own code, put on every trial worker's import path."""
     from .methods import planned_epochs
 
     run = JobRun(job, storage, track, echo)
@@ -267,7 +276,7 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
     pending = sorted(run.unfinished(), key=planned_epochs, reverse=True)
     failed = []
     if pending:
-        results = _tuner(run, pending, echo).fit()
+        results = _tuner(run, pending, echo, code_paths).fit()
         failed = [r.config["trial"]["trial_id"] for r in results if r.error is not None]
     outcome = run.close("FAILED" if failed else "FINISHED", failed, startup_s)
     if failed:

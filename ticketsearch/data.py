@@ -768,6 +768,16 @@ def load_imagenet_dataset(spec: Any, device: torch.device) -> ImageFolderDataset
     )
 
 
+# --------------------------------------------------------------------------- your own data
+
+
+def load_folder_dataset(spec: Any, device: torch.device) -> Dataset:
+    """Any ImageFolder tree under ``data.root``, streamed (see ``userdata.load_folder``)."""
+    from .userdata import load_folder
+
+    return load_folder(spec, device)
+
+
 # --------------------------------------------------------------------------- registry
 
 _LOADERS: dict[str, Callable[[Any, torch.device], Dataset]] = {
@@ -782,11 +792,17 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(spec: Any, device: torch.device | str = "cpu") -> Dataset:
-    """Build the dataset ``spec.dataset`` with its splits on ``device``.
+    """Build the dataset ``spec.factory`` returns (see ``userdata.py``), else the dataset
+    ``spec.dataset``, with its splits on ``device``.
 
     ``spec`` is a ``DataSpec`` (only its attributes are read). Raises DatasetError for an
-    unknown name and for missing or corrupt files.
+    unknown name, for missing or corrupt files, and for a factory that cannot be imported or
+    called or returns unusable data.
     """
+    if getattr(spec, "factory", None) is not None:
+        from .userdata import load_factory_dataset
+
+        return load_factory_dataset(spec, torch.device(device))
     loader = _LOADERS.get(spec.dataset)
     if loader is None:
         raise DatasetError(

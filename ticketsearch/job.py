@@ -54,6 +54,15 @@ class NullTracker:
         return None
 
 
+def preflight(job: JobSpec, echo: Echo) -> None:
+    """Check the job's own model and data together before anything is written (see
+    ``preflight.py``; skipped for a built-in model on a built-in dataset)."""
+    from .preflight import inspect_job, needs_preflight, summary_line
+
+    if needs_preflight(job):
+        echo(summary_line(inspect_job(job)))
+
+
 def make_tracker(job: JobSpec, storage: str | Path | None, track: bool):
     """The job's tracker: MLflow's (its store checked to answer) or the null one."""
     if not track:
@@ -70,6 +79,7 @@ class JobRun:
                  echo: Echo = print):
         self.spec, self.echo = spec, echo
         self.trials = spec.trials()
+        preflight(spec, echo)
         self.tracker = make_tracker(spec, storage, track)
         self.root = job_dir(storage or spec.storage.path, spec.name, spec.spec_hash())
         self.started = time.time()

@@ -1,9 +1,14 @@
-"""Model builders and the registry of them derived from ``catalog.MODELS``.
+"""Model factories: the built-in models (the registry derived from ``catalog.MODELS``),
+torchvision's and timm's classifiers, and the user's own ``"module:callable"``.
 
-``catalog.MODELS`` holds each model's name, builder path, default masked layers (fnmatch
-patterns over ``model.named_modules()`` names) and description. ``create_model`` builds a model
-by name; ``masked_layer_names`` resolves patterns to the concrete Conv2d/Linear modules whose
-``.weight`` is masked or pruned.
+A model factory is a callable returning a fresh ``nn.Module``; it is given ``num_classes`` and
+``input_shape`` (per example, e.g. ``(3, 32, 32)``) when its signature takes those keywords,
+plus its kwargs. ``build_model(model_spec, ...)`` builds any model a spec names through one
+such factory; ``create_model`` builds a built-in model by name. ``catalog.MODELS`` holds each
+built-in model's name, builder path (a factory), default masked layers (fnmatch patterns over
+``model.named_modules()`` names) and description; ``masked_layer_names`` resolves patterns to
+the concrete Conv/Linear modules whose ``.weight`` is masked or pruned (``layers.py`` adds the
+default rule for any model and the explicit naming of other layers).
 
 Builders here: LeNet-300-100 MLP, CIFAR ResNet-20 (1x1 conv shortcuts, no BN on the shortcut),
 CIFAR VGG-16 with BN, and torchvision's ResNet-50 (imported lazily).
@@ -15,26 +20,42 @@ neither the parameter names and count nor the masked-layer set.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import functools
+import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import catalog
+from .usercode import UserCodeError, call_factory, import_factory
 
 __all__ = [
     "ACTIVATIONS",
+    "CONV_LINEAR",
     "ModelError",
     "ModelInfo",
+    "build_model",
     "create_model",
     "masked_layer_names",
+    "model_from_meta",
     "model_info",
     "model_names",
 ]
+
+CONV_LINEAR: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+"""The layer types masked by default (their ``weight``)."""
+FACTORY_KEYWORDS: tuple[str, ...] = ("num_classes", "input_shape")
+"""What a model factory is given (when its signature takes them): the data's number of
+classes (int) and the shape of one example (tuple of ints, e.g. ``(3, 32, 32)``)."""
+TIMM_EXTRA = "pip install 'ticketsearch[timm]'"
 
 CIFAR_SHAPE: tuple[int, int, int] = (3, 32, 32)
 DEFAULT_MLP_HIDDEN: tuple[int, ...] = (300, 100)
@@ -306,6 +327,129 @@ def replace_relu_modules(model: nn.Module, activation: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Library classifiers and the user's factories
+# --------------------------------------------------------------------------------------------
+
+
+def build_torchvision(
+    num_classes: int, input_shape: tuple[int, ...], arch: str, **kwargs: Any
+) -> nn.Module:
+    """torchvision classifier ``arch`` with random weights and ``num_classes`` outputs."""
+    import torchvision.models as tvm
+
+    return tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+def build_timm(
+    num_classes: int, input_shape: tuple[int, ...], arch: str, **kwargs: Any
+) -> nn.Module:
+    """timm model ``arch`` with random weights, ``num_classes`` outputs and, for images,
+    ``input_shape[0]`` input channels."""
+    timm = _import_timm(f"timm:{arch}")
+    if len(input_shape) == 3:
+        kwargs = {"in_chans": input_shape[0], **kwargs}
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def _import_timm(name: str) -> Any:
+    try:
+        return importlib.import_module("timm")
+    except ImportError:
+        raise ModelError(
+            f"model.name: {name} needs timm, which is not installed here; install the "
+            f"optional extra: {TIMM_EXTRA}"
+        ) from None
+
+
+def library_factory(name: str) -> Callable[..., nn.Module]:
+    """The factory of ``"torchvision:<arch>"`` or ``"timm:<arch>"``; ModelError for another
+    library, an unknown architecture or a missing timm."""
+    library, _, arch = name.partition(":")
+    if library == "torchvision":
+        import torchvision.models as tvm
+
+        known = tvm.list_models(module=tvm)
+        build: Callable[..., nn.Module] = build_torchvision
+    elif library == "timm":
+        known = _import_timm(name).list_models()
+        build = build_timm
+    else:
+        raise ModelError(f"model.name: {name!r}: the library must be torchvision or timm")
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"model.name: {library} has no classifier {arch!r}{hint}")
+    return functools.partial(build, arch=arch)
+
+
+def build_model(
+    spec: Any, num_classes: int, input_shape: Sequence[int], activation: str = "relu"
+) -> nn.Module:
+    """A fresh, randomly initialised model as ``spec`` (a ``ModelSpec``: ``name``,
+    ``factory``, ``kwargs``, ``mlp_hidden``) names it, for ``num_classes`` classes and
+    examples of ``input_shape``.
+
+    A built-in name goes through ``create_model``. A library name or ``spec.factory`` is
+    called with ``num_classes`` and ``input_shape`` (the keywords its signature takes) plus
+    ``spec.kwargs``; an ``activation`` other than relu then replaces every ``nn.ReLU``
+    module. Raises ModelError, naming model.name or model.factory, when the factory cannot be
+    imported, raises, or returns something that is not an ``nn.Module``.
+    """
+    if spec.factory is None and ":" not in spec.name:
+        return create_model(spec.name, num_classes, tuple(input_shape),
+                            mlp_hidden=tuple(spec.mlp_hidden), activation=activation)
+    field, path = ("model.factory", spec.factory) if spec.factory else ("model.name", spec.name)
+    shapes = {"num_classes": num_classes, "input_shape": tuple(input_shape)}
+    try:
+        factory = import_factory(path, field) if spec.factory else library_factory(path)
+        model = call_factory(factory, field, path, spec.kwargs, shapes)
+    except UserCodeError as err:
+        raise ModelError(str(err)) from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{field}: {path} returned a {type(model).__name__}, not a "
+                         "torch.nn.Module; return the network itself")
+    _materialize(model, tuple(input_shape), field, path)
+    if activation != "relu" and replace_relu_modules(model, activation) == 0:
+        raise ModelError(f"retrain.recipes: the activation {activation} replaces nn.ReLU "
+                         f"modules, but {path} has none (it may call torch.relu in forward); "
+                         "drop the activation recipe or use nn.ReLU modules")
+    return model
+
+
+def _materialize(model: nn.Module, input_shape: tuple[int, ...], field: str, path: str) -> None:
+    """Give lazy modules (``nn.LazyLinear``, ...) their shapes: one forward pass of a zero
+    example, in eval mode, without gradients."""
+    lazy = nn.parameter.UninitializedParameter
+    if not any(isinstance(p, lazy) for p in model.parameters()):
+        return
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    except Exception as err:
+        raise ModelError(f"{field}: {path} has lazy layers, and a forward pass of one example "
+                         f"of shape {input_shape} to size them failed: "
+                         f"{type(err).__name__}: {err}") from None
+    finally:
+        model.train(training)
+
+
+def model_from_meta(meta: Mapping[str, Any]) -> nn.Module:
+    """A fresh model as a ticket's metadata describes it: ``model`` (name or factory path),
+    ``model_factory`` (None for a named model), ``model_kwargs``, ``num_classes`` and
+    ``input_shape``."""
+    factory = meta.get("model_factory")
+    kwargs = dict(meta.get("model_kwargs") or {})
+    shape = tuple(meta["input_shape"])
+    if factory is None and ":" not in meta["model"]:
+        return create_model(meta["model"], meta["num_classes"], shape, **kwargs)
+    source = SimpleNamespace(name="mlp" if factory else meta["model"], factory=factory,
+                             kwargs=kwargs, mlp_hidden=())
+    return build_model(source, meta["num_classes"], shape)
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 
@@ -366,11 +510,12 @@ def create_model(
 
 
 def masked_layer_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Names of the Conv2d/Linear modules (with a weight) matching any of ``patterns``.
+    """Names of the Conv1d/2d/3d and Linear modules (with a weight) matching any of
+    ``patterns``.
 
     Matching is ``fnmatch.fnmatchcase`` on ``model.named_modules()`` names (``*`` also matches
     dots); the result keeps ``named_modules()`` order. Raises ModelError if ``patterns`` is
-    empty or a plain string, or if a pattern matches no Conv2d/Linear layer.
+    empty or a plain string, or if a pattern matches no Conv/Linear layer.
     """
     if isinstance(patterns, str | bytes):
         raise ModelError(
@@ -392,11 +537,11 @@ def masked_layer_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 def _weight_layer_names(model: nn.Module) -> list[str]:
-    """Names of Conv2d/Linear modules that have a weight, in named_modules() order."""
+    """Names of Conv/Linear modules that have a weight, in named_modules() order."""
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Conv2d | nn.Linear)
+        if isinstance(module, CONV_LINEAR)
         and isinstance(getattr(module, "weight", None), torch.Tensor)
     ]
 
@@ -405,7 +550,7 @@ def _no_match_message(pattern: str, candidates: list[str], shown: int = 6) -> st
     examples = ", ".join(candidates[:shown])
     more = f", ... ({len(candidates)} in all)" if len(candidates) > shown else ""
     return (
-        f"masked_layers: pattern {pattern!r} matches no Conv2d/Linear layer of this model; "
+        f"masked_layers: pattern {pattern!r} matches no Conv/Linear layer of this model; "
         f"its conv/linear layers are named like: {examples}{more}. "
         f"Fix the pattern (fnmatch syntax, '*' also matches dots)."
     )

@@ -45,6 +45,7 @@ from pydantic_core import PydanticCustomError
 from . import catalog
 
 __all__ = [
+    "CodeSpec",
     "DataSpec",
     "JobSpec",
     "MethodSpec",
@@ -121,28 +122,68 @@ def _raise_problems(title: str, problems: Sequence[tuple[tuple[str | int, ...], 
 # --------------------------------------------------------------------------------------
 
 
+FACTORY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+MODEL_LIBRARIES: tuple[str, ...] = ("torchvision", "timm")
+"""Libraries whose classifiers ``model.name`` names as ``"<library>:<architecture>"``."""
+_LIBRARY_MODEL_PATTERN = rf"^({'|'.join(MODEL_LIBRARIES)}):[A-Za-z0-9_.]+$"
+
+
+def _check_factory_path(value: str | None) -> str | None:
+    """A factory is written ``"package.module:callable"``."""
+    if value is not None and not re.match(FACTORY_PATTERN, value):
+        raise ValueError(
+            f"must be 'module:callable' such as 'my_pkg.nets:build_net' (got {value!r})"
+        )
+    return value
+
+
+def _check_patterns(value: list[str] | None) -> list[str] | None:
+    """An explicit pattern list names at least one non-empty pattern."""
+    if value is None:
+        return value
+    if not value:
+        raise ValueError(
+            "must list at least one module-name pattern (got []); "
+            "omit it to use the model's default masked layers"
+        )
+    for pattern in value:
+        if not pattern.strip():
+            raise ValueError(f"patterns must be non-empty (got {value!r})")
+    return value
+
+
 class DataSpec(_Spec):
     """Which dataset to train on and how to split and augment it."""
 
     dataset: DatasetName = Field(
         "digits",
         description="Dataset: digits and synthetic are built in memory; cifar10, cifar100, "
-        "mnist and imagenet are read from data.root.",
+        "mnist, imagenet and folder (any ImageFolder tree) are read from data.root.",
+    )
+    factory: str | None = Field(
+        None,
+        description="Your own data instead of data.dataset: 'module:callable' returning "
+        "{train: (x, y), val: ..., test: ...} (numpy arrays or tensors; val and test "
+        "optional) or the same with torch Datasets; called with data.kwargs.",
+        json_schema_extra={"pattern": FACTORY_PATTERN},
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments data.factory is called with."
     )
     root: str | None = Field(
         None,
         description="Directory holding the dataset files; required for cifar10, cifar100, "
-        "mnist and imagenet (with download: true the files are fetched into it).",
+        "mnist, imagenet and folder (with download: true the files are fetched into it).",
     )
     download: bool = Field(
         False,
         description="Download the dataset into data.root if it is missing "
-        "(cifar10, cifar100, mnist; imagenet cannot be downloaded).",
+        "(cifar10, cifar100, mnist; imagenet and folder cannot be downloaded).",
     )
     val_size: Annotated[int, Field(ge=0)] | None = Field(
         None,
         description="Examples held out of the training split for validation; "
-        "null = the dataset's default (5000 for cifar10).",
+        "null = the dataset's default (5000 for cifar10, 10% for your own data).",
     )
     augment: bool | None = Field(
         None,
@@ -161,20 +202,40 @@ class DataSpec(_Spec):
     synthetic_size: int = Field(
         512, ge=16, description="Number of training examples of the synthetic dataset."
     )
-    num_workers: int = Field(
-        4, ge=0, description="DataLoader worker processes (used for imagenet)."
+    image_size: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="folder: resize (shorter side) and centre-crop images to this size; "
+        "null = keep their size (they must all be the same size).",
     )
+    num_workers: int = Field(
+        4, ge=0, description="DataLoader worker processes (imagenet, folder, torch Datasets)."
+    )
+
+    @field_validator("factory")
+    @classmethod
+    def _check_factory(cls, value: str | None) -> str | None:
+        return _check_factory_path(value)
 
     @model_validator(mode="after")
     def _check_root(self) -> DataSpec:
-        """File-backed datasets need a root directory; imagenet cannot be downloaded."""
+        """File-backed datasets need a root directory; only some can be downloaded; a
+        factory replaces the dataset."""
+        if self.factory is not None:
+            named = [name for name, given in (("dataset", self.dataset != "digits"),
+                                              ("root", self.root is not None),
+                                              ("download", self.download)) if given]
+            if named:
+                _raise_problems("DataSpec", [((name,), "give either data.dataset (with its "
+                                "root) or data.factory, not both", getattr(self, name))
+                                for name in named])
+            return self
         problems: list[tuple[tuple[str | int, ...], str, Any]] = []
         entry = catalog.DATASETS[self.dataset]
         if entry.needs_root and not self.root:
             how = (
                 "set data.download: true to fetch it there"
                 if entry.downloadable
-                else "place the ImageNet train/ and val/ folders there"
+                else f"place {entry.layout} there"
             )
             problems.append(
                 (
@@ -188,8 +249,8 @@ class DataSpec(_Spec):
             problems.append(
                 (
                     ("download",),
-                    "imagenet cannot be downloaded automatically; set data.download: false "
-                    "and place the ImageNet train/ and val/ folders under data.root",
+                    f"{self.dataset} cannot be downloaded automatically; set data.download: "
+                    f"false and place {entry.layout} under data.root",
                     self.download,
                 )
             )
@@ -197,40 +258,107 @@ class DataSpec(_Spec):
             _raise_problems("DataSpec", problems)
         return self
 
+    def label(self) -> str:
+        """What the data is, in a word: the factory path or the dataset name."""
+        return self.factory or self.dataset
+
 
 class ModelSpec(_Spec):
     """Which network to train and which of its layers carry masks."""
 
-    name: ModelName = Field(
+    name: str = Field(
         "mlp",
         description="Network: mlp (any dataset), resnet20 and vgg16 (3x32x32 images), "
-        "resnet50 (imagenet).",
+        "resnet50 (imagenet), or a library classifier 'torchvision:<name>' / 'timm:<name>' "
+        "(random init, num_classes set; timm needs the ticketsearch[timm] extra).",
+        json_schema_extra={"anyOf": [{"enum": list(catalog.MODEL_NAMES)},
+                                     {"pattern": _LIBRARY_MODEL_PATTERN}]},
+    )
+    factory: str | None = Field(
+        None,
+        description="Your own network instead of model.name: 'module:callable' returning an "
+        "nn.Module, called with num_classes and input_shape (from the data) when its "
+        "signature takes them, plus model.kwargs.",
+        json_schema_extra={"pattern": FACTORY_PATTERN},
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for model.factory or a torchvision:/timm: model.",
     )
     masked_layers: list[str] | None = Field(
         None,
-        description="fnmatch patterns over module names (e.g. 'layer*.conv1') that replace "
-        "the model's default set of masked/prunable layers; null = the model's default.",
+        description="fnmatch patterns over module names (e.g. 'layer*.conv1') selecting the "
+        "Conv/Linear layers to mask, or exact names of other layers holding a weight; "
+        "replaces the model's default set (every Conv/Linear layer but the final "
+        "classifier, or a built-in model's own set); null = the default.",
+    )
+    unmasked_layers: list[str] | None = Field(
+        None,
+        description="fnmatch patterns (or exact names) of layers taken out of the masked set.",
     )
     mlp_hidden: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [300, 100],
         description="Hidden-layer widths of the mlp model.",
     )
 
-    @field_validator("masked_layers")
+    @field_validator("masked_layers", "unmasked_layers")
     @classmethod
     def _check_masked_layers(cls, value: list[str] | None) -> list[str] | None:
-        """An explicit masked-layer list must name at least one non-empty pattern."""
-        if value is None:
+        return _check_patterns(value)
+
+    @field_validator("factory")
+    @classmethod
+    def _check_factory(cls, value: str | None) -> str | None:
+        return _check_factory_path(value)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        """A built-in model, or ``<library>:<architecture>``."""
+        if value in catalog.MODEL_NAMES or re.match(_LIBRARY_MODEL_PATTERN, value):
             return value
-        if not value:
-            raise ValueError(
-                "must list at least one module-name pattern (got []); "
-                "omit it to use the model's default masked layers"
-            )
-        for pattern in value:
-            if not pattern.strip():
-                raise ValueError(f"patterns must be non-empty (got {value!r})")
-        return value
+        names = ", ".join(repr(name) for name in catalog.MODEL_NAMES)
+        raise ValueError(
+            f"must be one of {names}, or 'torchvision:<name>' / 'timm:<name>' (got "
+            f"{value!r}); for your own network set model.factory: 'module:callable'"
+        )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelSpec:
+        """A factory replaces the name; kwargs go to a factory or a library model."""
+        if self.factory is not None and self.name != "mlp":
+            _raise_problems("ModelSpec", [(("name",), "give either model.name or "
+                            "model.factory, not both", self.name)])
+        if self.kwargs and self.builtin:
+            _raise_problems("ModelSpec", [(("kwargs",), f"the built-in model {self.name} "
+                            "takes no kwargs (mlp's widths are model.mlp_hidden); kwargs are "
+                            "for model.factory and torchvision:/timm: models", self.kwargs)])
+        return self
+
+    @property
+    def builtin(self) -> bool:
+        """A catalog model (mlp, resnet20, ...), not a factory or a library model."""
+        return self.factory is None and ":" not in self.name
+
+    def label(self) -> str:
+        """What the network is, in a word: the factory path or the model name."""
+        return self.factory or self.name
+
+
+class CodeSpec(_Spec):
+    """The job's own code and what it needs, shipped to a cluster by ``ticketsearch submit``."""
+
+    py_modules: list[str] = Field(
+        default_factory=list,
+        description="Extra local packages or .py files to ship (paths relative to the spec's "
+        "folder; the Python modules of the spec's folder and the current directory are "
+        "shipped anyway); their folders are also put on the import path of a local run.",
+    )
+    pip: list[str] = Field(
+        default_factory=list,
+        description="pip requirements the cluster installs for this job (Ray runtime_env "
+        "pip), e.g. ['timm>=1.0'].",
+    )
 
 
 def rescale_milestones(milestones: Sequence[int], old_epochs: int, new_epochs: int) -> list[int]:
@@ -774,6 +902,10 @@ class JobSpec(_Spec):
     storage: StorageSpec = Field(
         default_factory=StorageSpec, description="Checkpoint and result storage."
     )
+    code: CodeSpec = Field(
+        default_factory=CodeSpec,
+        description="The job's own code and its pip requirements (shipped by submit).",
+    )
     _trials: list[TrialSpec] | None = PrivateAttr(None)
 
     @field_validator("name")
@@ -804,7 +936,10 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _check_model_fits_data(self) -> JobSpec:
-        """The model must accept the dataset's inputs."""
+        """The model must accept the dataset's inputs (your own model or data: checked by
+        the preflight's dry forward pass instead)."""
+        if not self.model.builtin or self.data.factory is not None:
+            return self
         message = catalog.model_fits_data(
             self.model.name, self.data.dataset, self.data.synthetic_shape
         )
@@ -827,7 +962,8 @@ class JobSpec(_Spec):
                 )
             )
         data = self.data
-        if not catalog.is_image_data(data.dataset, data.synthetic_shape):
+        if data.factory is None and not catalog.is_image_data(data.dataset,
+                                                              data.synthetic_shape):
             gives = catalog.dataset_inputs(data.dataset, data.synthetic_shape)
             for index, recipe in enumerate(recipes):
                 if recipe.cutmix_alpha > 0:

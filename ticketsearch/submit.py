@@ -4,7 +4,10 @@
 ``job.yaml`` into a fresh working directory and submits ``python -m ticketsearch.cli run
 job.yaml`` with that directory and this installed ``ticketsearch`` package as the job's
 runtime environment, so the cluster runs exactly this code (its Python dependencies come from
-the cluster's own environment). ``job_status``, ``job_logs``, ``stop_job`` and
+the cluster's own environment). The job's own code goes with it as Ray ``py_modules``: the
+Python modules and packages of the spec's folder and the current directory (the folders a
+local ``run`` imports from) and ``code.py_modules``; ``code.pip`` requirements become Ray's
+``pip`` (``code_to_ship``, ``runtime_env``). ``job_status``, ``job_logs``, ``stop_job`` and
 ``follow_logs`` query the same API.
 
 Addresses: the ``address`` argument, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS``;
@@ -34,7 +37,7 @@ AUTH_MODE_ENV_VAR = "RAY_AUTH_MODE"
 JOB_FILE = "job.yaml"
 ENTRYPOINT = ["python", "-m", "ticketsearch.cli", "run", JOB_FILE]
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-UPLOAD_EXCLUDES = ["__pycache__/", "*.pyc"]
+UPLOAD_EXCLUDES = ["__pycache__/", "*.pyc", ".git/"]
 POLL_S = 2.0
 
 
@@ -217,24 +220,67 @@ def check_storage(job: JobSpec, storage: str | None) -> None:
         "sees at the same path, e.g. a shared file system) or set storage.path to one")
 
 
-def runtime_env(working_dir: Path) -> dict[str, Any]:
-    """The job's runtime environment: the spec folder and this ticketsearch package."""
-    return {"working_dir": str(working_dir), "py_modules": [str(package_dir())],
-            "excludes": list(UPLOAD_EXCLUDES)}
+def runtime_env(working_dir: Path, code: Sequence[Path] = (),
+                pip: Sequence[str] = ()) -> dict[str, Any]:
+    """The job's runtime environment: the folder holding ``job.yaml`` as working_dir, this
+    ticketsearch package and the job's ``code`` as py_modules, ``pip`` requirements if any."""
+    env: dict[str, Any] = {"working_dir": str(working_dir),
+                           "py_modules": [str(package_dir()), *map(str, code)],
+                           "excludes": list(UPLOAD_EXCLUDES)}
+    if pip:
+        env["pip"] = list(pip)
+    return env
+
+
+def code_to_ship(job_path: str | Path, job: JobSpec, extra: Sequence[str] = ()) -> list[Path]:
+    """The job's own code, each entry a py_module: the top-level ``*.py`` modules and packages
+    (folders with an ``__init__.py``) of the spec's folder, then of the current directory
+    (the first of a name wins; never one named ticketsearch, hidden or dunder names), then
+    ``job.code.py_modules`` (relative to the spec's folder) and ``extra`` (relative to the
+    current directory). SubmitError for an explicit path that does not exist."""
+    spec_folder = Path(job_path).resolve().parent
+    found: dict[str, Path] = {}
+    for folder in (spec_folder, Path.cwd().resolve()):
+        for entry in sorted(folder.iterdir()):
+            name = entry.stem if entry.suffix == ".py" else entry.name
+            if _is_module(entry) and name not in found:
+                found[name] = entry
+    explicit = [("code.py_modules", spec_folder / p) for p in job.code.py_modules]
+    explicit += [("--py-module", Path(p).resolve()) for p in extra]
+    for field, path in explicit:
+        if not path.exists():
+            raise SubmitError(f"{field}: {path} does not exist; name a package folder or a "
+                              ".py file to ship")
+        found[path.stem if path.suffix == ".py" else path.name] = path.resolve()
+    return list(found.values())
+
+
+def _is_module(entry: Path) -> bool:
+    name = entry.stem if entry.suffix == ".py" else entry.name
+    if name.startswith((".", "__")) or name == "ticketsearch" or not name.isidentifier():
+        return False
+    if entry.is_file():
+        return entry.suffix == ".py"
+    return (entry / "__init__.py").is_file()
 
 
 def submit_job(job_path: str | Path, address: str | None = None, overrides: Sequence[str] = (),
-               storage: str | None = None, extra_args: Sequence[str] = ()) -> str:
+               storage: str | None = None, extra_args: Sequence[str] = (), ship: bool = True,
+               py_modules: Sequence[str] = (), pip: Sequence[str] = ()) -> str:
     """Validate ``job_path`` (with ``overrides``) here, then submit it to the cluster's Job API.
 
     The cluster runs ``python -m ticketsearch.cli run job.yaml [--storage STORAGE]
-    [EXTRA_ARGS]`` on the normalised spec, with this ticketsearch package as a py_module.
-    Returns the submission id. Raises SpecError for an invalid spec and SubmitError for a
-    relative storage path, a missing/unreachable address or a refused token; nothing is sent
+    [EXTRA_ARGS]`` on the normalised spec, with this ticketsearch package as a py_module and,
+    unless ``ship`` is False, the job's own code (``code_to_ship``, plus ``py_modules``);
+    ``code.pip`` and ``pip`` are installed there. Returns the submission id. Raises
+    SpecError for an invalid spec and SubmitError for a relative storage path, a code path
+    that does not exist, a missing/unreachable address or a refused token; nothing is sent
     unless the spec is valid.
     """
     job = load_job(job_path, overrides)
     check_storage(job, storage)
+    code = code_to_ship(job_path, job, py_modules) if ship else []
+    requirements = [*job.code.pip, *pip]
     api = _Api(address)
     job_id = submission_id(job)
     with tempfile.TemporaryDirectory(prefix="ticketsearch-submit-") as folder:
@@ -242,7 +288,7 @@ def submit_job(job_path: str | Path, address: str | None = None, overrides: Sequ
         return api.call("submit the job", lambda: api.client.submit_job(
             entrypoint=build_entrypoint(storage, extra_args),
             submission_id=job_id,
-            runtime_env=runtime_env(Path(folder)),
+            runtime_env=runtime_env(Path(folder), code, requirements),
             metadata={"ticketsearch_job": job.name, "spec_hash": job.spec_hash()},
         ))
 

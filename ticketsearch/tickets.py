@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .sparsity.masks import add_binary_masks, layer_densities, load_dense_state, mask_density
+from .sparsity.masks import (
+    add_binary_masks,
+    dense_state_dict,
+    layer_densities,
+    load_dense_state,
+    mask_density,
+    masked_modules,
+)
 from .sparsity.ticketfile import WRITER_KEYS, read_ticket_dir, write_ticket_dir
 
 
@@ -40,22 +47,22 @@ class Ticket:
         return layer_densities(self.masks)
 
     def build_model(self) -> nn.Module:
-        """A fresh model of the ticket's architecture (from its metadata), unmasked."""
-        from .models import create_model
+        """A fresh model of the ticket's architecture, unmasked: built from its metadata
+        (the built-in model, library model or factory and its kwargs; a factory must be
+        importable here)."""
+        from .models import model_from_meta
 
-        meta = self.meta
-        return create_model(
-            meta["model"], meta["num_classes"], tuple(meta["input_shape"]),
-            **meta.get("model_kwargs", {}),
-        )
+        return model_from_meta(self.meta)
 
     def apply(self, model: nn.Module | None = None) -> nn.Module:
         """Rewind ``model`` (or a fresh one) to the ticket's state and fix its masks.
 
-        The model must be unmasked; the result trains as a sparse network whose pruned weights
-        stay exactly zero in the forward pass.
+        The model must be unmasked and built as the ticket's was (same factory, kwargs and
+        data shape); TicketMismatchError lists how it differs otherwise. The result trains as
+        a sparse network whose pruned weights stay exactly zero in the forward pass.
         """
         model = self.build_model() if model is None else model
+        check_fits(self, model)
         load_dense_state(model, self.rewind_state)
         add_binary_masks(model, self.masks)
         return model
@@ -71,6 +78,53 @@ class Ticket:
                 "retrain_epochs", "target_sparsity", "achieved_sparsity")
         return {"name": self.name, "sparsity": self.sparsity,
                 **{k: self.meta.get(k) for k in keys}}
+
+
+class TicketMismatchError(ValueError):
+    """A ticket applied to a model it was not made for (other layer names or shapes)."""
+
+
+def check_fits(ticket: Ticket, model: nn.Module, shown: int = 5) -> None:
+    """Raise TicketMismatchError unless ``model`` is unmasked and has the ticket's masked
+    layers and state tensors under the same names with the same shapes."""
+    if masked_modules(model):
+        raise TicketMismatchError(f"ticket {ticket.name!r}: the model already carries masks; "
+                                  "apply the ticket to a freshly built model")
+    problems = _shape_problems("layer", {n: t.shape for n, t in ticket.masks.items()},
+                               _weight_shapes(model))
+    state = {n: t.shape for n, t in dense_state_dict(model, clone=False).items()}
+    problems += _shape_problems("tensor", {n: t.shape for n, t in ticket.rewind_state.items()},
+                                state, both_ways=True)
+    if problems:
+        more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+        raise TicketMismatchError(
+            f"ticket {ticket.name!r} does not fit this model: {'; '.join(problems[:shown])}"
+            f"{more}. The ticket was made for {_made_for(ticket.meta)}; build the model the "
+            "same way")
+
+
+def _weight_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    return {name: module.weight.shape for name, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), Tensor)}
+
+
+def _shape_problems(kind: str, ticket: dict, model: dict, both_ways: bool = False) -> list[str]:
+    problems = [f"{kind} {name!r} is not in the model" for name in ticket if name not in model]
+    problems += [f"{kind} {name!r} has shape {tuple(model[name])} in the model but "
+                 f"{tuple(shape)} in the ticket"
+                 for name, shape in ticket.items() if name in model and model[name] != shape]
+    if both_ways:
+        problems += [f"the model's {kind} {name!r} is not in the ticket"
+                     for name in model if name not in ticket]
+    return problems
+
+
+def _made_for(meta: dict[str, Any]) -> str:
+    what = (f"model.factory {meta['model_factory']}" if meta.get("model_factory")
+            else f"model {meta.get('model')}")
+    kwargs = meta.get("model_kwargs")
+    return (f"{what} with kwargs {kwargs}, {meta.get('num_classes')} classes and input "
+            f"shape {meta.get('input_shape')}")
 
 
 def load_ticket(path: str | Path) -> Ticket:

@@ -220,7 +220,7 @@ def _start_parent(client, experiment_id: str, job, job_dir: Path,
 def _start_child(client, tracking: JobTracking, job, trial) -> str:
     tags = {
         "mlflow.parentRunId": tracking.parent_run_id,
-        "method": trial.method, "model": trial.model.name, "dataset": trial.data.dataset,
+        "method": trial.method, "model": trial.model.label(), "dataset": trial.data.label(),
         "trial_id": trial.trial_id, "ticketsearch.job": job.name,
         "ticketsearch.spec_hash": job.spec_hash(), "ticketsearch.kind": "trial",
     }

@@ -35,7 +35,8 @@ from ..hooks import (
     TrialResult,
     check_checkpoint,
 )
-from ..models import create_model, masked_layer_names, model_info
+from ..layers import select_masked_layers
+from ..models import build_model
 from ..sparsity import cs
 from ..sparsity.masks import binary_masks, dense_state_dict, mask_density, soft_masks
 from ..tickets import Ticket, clone_state
@@ -66,8 +67,8 @@ class TrialRun:
         gpus = trial.resources.gpus if self.device.type == "cuda" else 0.0
         self.ledger = EpochLedger(device_kind(self.device), gpus if gpus > 0 else 1.0)
         self.generator = torch.Generator().manual_seed(trial.seed)
-        patterns = trial.model.masked_layers or model_info(trial.model.name).masked_layers
-        self.layer_names = masked_layer_names(self.new_model(), patterns)
+        self.layer_names = select_masked_layers(self.new_model(), trial.model,
+                                                data.num_classes)
         self.snapshot: dict[str, torch.Tensor] | None = None  # the rewind point
         self.tickets: list[Ticket] = []  # emitted (final)
         self.pending: list[Ticket] = []  # found, awaiting retraining
@@ -102,10 +103,8 @@ class TrialRun:
         """A freshly initialised, unmasked model on the trial's device (seeded by the trial
         seed, so every call gives the same initial weights)."""
         torch.manual_seed(self.trial.seed)
-        model = create_model(
-            self.trial.model.name, self.data.num_classes, tuple(self.data.input_shape),
-            mlp_hidden=tuple(self.trial.model.mlp_hidden), activation=activation,
-        )
+        model = build_model(self.trial.model, self.data.num_classes,
+                            tuple(self.data.input_shape), activation)
         return model.to(self.device)
 
     def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -187,9 +186,8 @@ class TrialRun:
             "job": trial.job_name,
             "seed": trial.seed,
             "settings": settings,
-            "model": trial.model.name,
-            "model_kwargs": {"mlp_hidden": list(trial.model.mlp_hidden)},
-            "dataset": trial.data.dataset,
+            **model_meta(trial.model),
+            "dataset": trial.data.label(),
             "num_classes": self.data.num_classes,
             "input_shape": list(self.data.input_shape),
             "rewind_epoch": self.train.rewind_epoch,
@@ -306,6 +304,15 @@ class TrialRun:
         torch.set_rng_state(state["torch_rng"])
         self.resuming = None
         return state["epoch"]
+
+
+def model_meta(spec) -> dict[str, Any]:
+    """How a ticket records its model: ``model`` (name or factory path), ``model_kwargs``
+    and, for a factory, ``model_factory``: what ``models.model_from_meta`` rebuilds it from."""
+    if spec.builtin:
+        return {"model": spec.name, "model_kwargs": {"mlp_hidden": list(spec.mlp_hidden)}}
+    meta = {"model": spec.label(), "model_kwargs": dict(spec.kwargs)}
+    return meta | ({"model_factory": spec.factory} if spec.factory else {})
 
 
 def _offset(hook: StepHook | None, offset: int) -> StepHook | None:
