@@ -95,7 +95,7 @@ def test_the_trials_are_expanded_once_per_job(monkeypatch):
 
 PINNED = {
     "quickstart.yaml": "d03f07addeda",
-    "paper-resnet20-cifar10.yaml": "3cbbf8898d4f",
+    "paper-resnet20-cifar10.yaml": "427d47ab29dc",
     "recipes-ablation.yaml": "1d1d1d897340",
     "rigl-resnet20-cifar10.yaml": "128e9fd81d20",
 }

@@ -135,3 +135,28 @@ def test_stat_is_the_mean_sample_sd_and_t_interval():
     assert stat([0.5, None]) == {"n": 1, "mean": 0.5, "sd": None, "ci_low": None,
                                  "ci_high": None}
     assert stat([])["mean"] is None
+
+
+@pytest.mark.parametrize("name,shape", [("resnet20", [3, 32, 32]), ("mlp", [64])])
+def test_xavier_init_gives_every_conv_and_linear_the_xavier_normal_std(name, shape):
+    from ticketsearch.models import build_model
+
+    data = {"dataset": "synthetic", "synthetic_shape": shape}
+    spec = parse_job({"name": "x", "model": {"name": name, "init": "xavier"}, "data": data,
+                      "methods": {"cs": {}}}).model
+    torch.manual_seed(0)
+    model = build_model(spec, 10, shape)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert layers
+    for layer in layers:
+        weight = layer.weight.detach()
+        fan_out, fan_in = weight.shape[0], weight[0].numel()
+        receptive = weight[0, 0].numel()
+        expected = (2.0 / (fan_in + fan_out * receptive)) ** 0.5
+        assert weight.std().item() == pytest.approx(expected, rel=0.25 if weight.numel() < 500
+                                                    else 0.08), layer
+        assert layer.bias is None or bool((layer.bias == 0).all())
+    default = build_model(parse_job({"name": "x", "model": {"name": name}, "data": data,
+                                     "methods": {"cs": {}}}).model, 10, shape)
+    biased = [m for m in default.modules() if isinstance(m, torch.nn.Linear)]
+    assert any(bool((m.bias != 0).any()) for m in biased)  # PyTorch's default differs

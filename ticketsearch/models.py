@@ -382,6 +382,20 @@ def library_factory(name: str) -> Callable[..., nn.Module]:
     return functools.partial(build, arch=arch)
 
 
+def init_weights(model: nn.Module, init: str) -> nn.Module:
+    """``xavier``: every Conv1d/2d/3d and Linear weight Xavier-normal, biases zero (the
+    reference CS code's initialisation); ``default`` leaves the model as built."""
+    if init == "xavier":
+        for module in model.modules():
+            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+                nn.init.xavier_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+    elif init != "default":
+        raise ModelError(f"model.init: unknown initialisation {init!r}; use default or xavier")
+    return model
+
+
 def build_model(
     spec: Any, num_classes: int, input_shape: Sequence[int], activation: str = "relu"
 ) -> nn.Module:
@@ -396,8 +410,9 @@ def build_model(
     imported, raises, or returns something that is not an ``nn.Module``.
     """
     if spec.factory is None and ":" not in spec.name:
-        return create_model(spec.name, num_classes, tuple(input_shape),
-                            mlp_hidden=tuple(spec.mlp_hidden), activation=activation)
+        model = create_model(spec.name, num_classes, tuple(input_shape),
+                             mlp_hidden=tuple(spec.mlp_hidden), activation=activation)
+        return init_weights(model, getattr(spec, "init", "default"))
     field, path = ("model.factory", spec.factory) if spec.factory else ("model.name", spec.name)
     shapes = {"num_classes": num_classes, "input_shape": tuple(input_shape)}
     try:
@@ -409,6 +424,7 @@ def build_model(
         raise ModelError(f"{field}: {path} returned a {type(model).__name__}, not a "
                          "torch.nn.Module; return the network itself")
     _materialize(model, tuple(input_shape), field, path)
+    init_weights(model, getattr(spec, "init", "default"))
     if activation != "relu" and replace_relu_modules(model, activation) == 0:
         raise ModelError(f"retrain.recipes: the activation {activation} replaces nn.ReLU "
                          f"modules, but {path} has none (it may call torch.relu in forward); "

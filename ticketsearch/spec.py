@@ -300,6 +300,12 @@ class ModelSpec(_Spec):
         default_factory=lambda: [300, 100],
         description="Hidden-layer widths of the mlp model.",
     )
+    init: Literal["default", "xavier"] = Field(
+        "default",
+        description="Weight initialisation: default = the model's own (Kaiming fan-out for the "
+        "built-in convs, PyTorch's for linear layers); xavier = every conv and linear weight "
+        "Xavier-normal with zero biases, as the reference CS code does.",
+    )
 
     @field_validator("masked_layers", "unmasked_layers")
     @classmethod
