@@ -157,11 +157,20 @@ class ProgressPrinter:
         self.latest: dict[str, dict[str, Any]] = {}
         self.last_print = time.monotonic()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its callbacks into its experiment state; the output function stays
+        out (``print`` pickles by reference, which fails once Ray has patched
+        ``builtins.print`` in this process); a restored printer prints."""
+        return {**self.__dict__, "echo": None}
+
+    def say(self, text: str) -> None:
+        (self.echo or print)(text)
+
     def result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.latest[trial_id] = result
         if time.monotonic() - self.last_print >= self.every_s:
             self.last_print = time.monotonic()
-            self.echo(self.table())
+            self.say(self.table())
 
     def table(self) -> str:
         running = {k: r for k, r in self.latest.items() if r.get("phase") != "done"}
@@ -179,12 +188,12 @@ class ProgressPrinter:
         return "\n".join(lines)
 
     def complete(self, trial_id: str, result: dict[str, Any]) -> None:
-        self.echo(f"{self.names.get(trial_id, trial_id)}: finished, {int(result.get('step', 0))}"
+        self.say(f"{self.names.get(trial_id, trial_id)}: finished, {int(result.get('step', 0))}"
                   f" epochs, {result.get('tickets', 0)} tickets, "
                   f"{result.get('wall_clock_s', 0.0):.1f}s")
 
     def error(self, trial_id: str) -> None:
-        self.echo(f"{self.names.get(trial_id, trial_id)}: FAILED (it will be retried if "
+        self.say(f"{self.names.get(trial_id, trial_id)}: FAILED (it will be retried if "
                   "resources.max_failures allows)")
 
 
