@@ -49,6 +49,21 @@ def test_sweep_of_four_cs_settings_and_an_imp_chain(ray_local, tmp_path):
     assert not any("resuming" in line for line in lines)  # no Tune run was even needed
 
 
+def test_the_progress_callback_pickles_once_print_is_patched(monkeypatch):
+    """Tune pickles its callbacks into its experiment state; a job whose echo is ``print``
+    must still start when something in the process has replaced ``builtins.print``."""
+    import builtins
+
+    from ray import cloudpickle
+
+    from ticketsearch.cluster import make_progress
+
+    callback = make_progress({"a": "cs s0=0"}, print)
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: None)
+    restored = cloudpickle.loads(cloudpickle.dumps(callback))
+    restored.printer.say("a line")  # a restored printer prints (to the patched print here)
+
+
 def test_progress_table_shows_running_trials_and_finished_count():
     from ticketsearch.cluster import ProgressPrinter
 

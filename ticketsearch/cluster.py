@@ -198,11 +198,15 @@ class ProgressPrinter:
 
 
 def make_progress(names: dict[str, str], echo: Callable[[str], None]):
+    """The Tune callback printing the job's progress. Tune pickles it into its experiment
+    state (cloudpickle, by value, since the class is made here): nothing of it may close over
+    ``echo`` (``print`` pickles by reference and fails once ``builtins.print`` is patched), so
+    the printer, which leaves ``echo`` out of its pickled state, is passed in."""
     from ray import tune
 
     class _Callback(tune.Callback):
-        def __init__(self):
-            self.printer = ProgressPrinter(names, echo)
+        def __init__(self, printer: ProgressPrinter):
+            self.printer = printer
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.printer.result(_trial_id(trial), result)
@@ -213,7 +217,7 @@ def make_progress(names: dict[str, str], echo: Callable[[str], None]):
         def on_trial_error(self, iteration, trials, trial, **info):
             self.printer.error(_trial_id(trial))
 
-    return _Callback()
+    return _Callback(ProgressPrinter(names, echo))
 
 
 def _trial_id(trial) -> str:
