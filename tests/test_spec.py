@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
+from pydantic import Field, ValidationError
 
+from ticketsearch.cli import main
+from ticketsearch.methods import Method, methods, register, unregister
 from ticketsearch.methods.cs import CSSpec
 from ticketsearch.methods.imp import IMPSpec
 from ticketsearch.spec import (
+    TRIAL_ID_PATTERN,
+    CodeSpec,
     DataSpec,
     JobSpec,
+    MethodSpec,
+    ModelSpec,
+    RecipeSpec,
+    ResourcesSpec,
+    RetrainSpec,
     SpecError,
+    StorageSpec,
+    TrackingSpec,
     TrainSpec,
     TrialSpec,
     apply_overrides,
     dump_job,
+    format_number,
     job_json_schema,
     load_job,
     parse_job,
     rescale_milestones,
+    spec_error_from,
 )
 
 
@@ -501,3 +516,192 @@ def test_models_validate_directly() -> None:
     with pytest.raises(ValueError, match="greater than or equal to 16"):
         DataSpec(synthetic_size=8)
     assert IMPSpec(sweep={"seed": [1, 2]}).expand()[1].seed == 2
+
+
+# ------------------------------------------------------------------ refused silently before
+
+
+def cli_error(path: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> str:
+    """``ticketsearch validate`` of ``path``: asserts exit code 2; returns its error text."""
+    args = ["validate", str(path)] + [arg for o in overrides for arg in ("--set", o)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def _number_fields(model: type) -> list[tuple[str, Any]]:
+    """(key, boolean input) for every number and list-of-numbers field of ``model``, read off
+    its JSON schema."""
+    numeric = {"integer", "number"}
+    found = []
+    for key, prop in model.model_json_schema(by_alias=True)["properties"].items():
+        types = {prop.get("type")} | {option.get("type") for option in prop.get("anyOf", [])}
+        if types & numeric:
+            found.append((key, True))
+        elif prop.get("type") == "array" and prop.get("items", {}).get("type") in numeric:
+            found.append((key, [True]))
+    return found
+
+
+def _section_models() -> list[type]:
+    return [DataSpec, ModelSpec, TrainSpec, RecipeSpec, RetrainSpec, ResourcesSpec,
+            TrackingSpec, StorageSpec, CodeSpec, *(m.spec for m in methods())]
+
+
+def test_booleans_are_refused_for_every_number_field() -> None:
+    checked = 0
+    for model in _section_models():
+        required = {"name": "r"} if model.__name__ == "RecipeSpec" else {}
+        for key, value in _number_fields(model):
+            with pytest.raises(ValidationError) as info:
+                model.model_validate({**required, key: value})
+            where = key if value is True else f"{key}[0]"
+            lines = spec_error_from(info.value, model).problems
+            assert any(line.startswith(f"{where}: must be a number, not the boolean true")
+                       for line in lines), (model.__name__, lines)
+            checked += 1
+    assert checked > 30
+
+
+def test_booleans_are_refused_with_the_field_path(tmp_path: Path, capsys) -> None:
+    assert problems_of(minimal(train={"epochs_per_round": True})) == [
+        "train.epochs_per_round: must be a number, not the boolean true (YAML reads true/false, "
+        "yes/no, on/off as booleans); write a number"
+    ]
+    raw = {"name": "j", "methods": {"cs": {"sweep": {"lambda": [1e-8, False]}}},
+           "retrain": {"recipes": [{"name": "m", "mixup_alpha": True}]}}
+    assert [line.split(":")[0] for line in problems_of(raw)] == [
+        "methods.cs.sweep.lambda[1]", "retrain.recipes[0].mixup_alpha"]
+    job = parse_job(minimal(model={"factory": "m:f", "kwargs": {"flag": True}},
+                            train={"nesterov": False}))
+    assert job.model.kwargs == {"flag": True} and job.train.nesterov is False
+    path = write(tmp_path, "name: j\nmethods: {cs: {}}\ntrain:\n  epochs_per_round: yes\n")
+    assert "train.epochs_per_round: must be a number" in cli_error(path, capsys)
+    path = write(tmp_path, "name: j\nmethods: {cs: {}}\n", "ok.yaml")
+    assert "methods.cs.rounds: must be a number" in cli_error(path, capsys, "methods.cs.rounds=true")
+
+
+def test_duplicate_keys_are_refused_at_any_depth(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, "name: j\nmethods:\n  cs: {}\nname: k\n")
+    with pytest.raises(SpecError) as info:
+        load_job(path)
+    assert str(info.value) == (f"{path}: duplicate key 'name' at lines 1 and 4; keep one of "
+                               "them (YAML would silently use the last)")
+    nested = "name: j\nmethods:\n  cs:\n    lambda: 1.0e-8\n    rounds: 2\n    lambda: 5.0e-8\n"
+    path = write(tmp_path, nested, "nested.yaml")
+    assert f"{path}: duplicate key 'lambda' at lines 4 and 6" in cli_error(path, capsys)
+    path = write(tmp_path, "name: j\nmethods:\n  cs: {}\n  dense: {}\n  cs: {rounds: 1}\n", "m.yaml")
+    with pytest.raises(SpecError, match="duplicate key 'cs' at lines 3 and 5"):
+        load_job(path)
+    path = write(tmp_path, "name: j\ntrain: {lr: 0.1, lr: 0.2}\nmethods: {cs: {}}\n", "t.yaml")
+    with pytest.raises(SpecError, match=r"t\.yaml: duplicate key 'lr' at line 2; keep one"):
+        load_job(path)
+    with pytest.raises(SpecError, match=r"override 'train=.*duplicate key 'lr' at line 1"):
+        load_job(write(tmp_path, "name: j\nmethods: {cs: {}}\n"), ["train={lr: 1, lr: 2}"])
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    text = "name: j\nmethods:\n  cs: &base {seed: 1}\n  rigl:\n    <<: *base\n    seed: 2\n"
+    job = load_job(write(tmp_path, text))
+    assert (job.methods["cs"].seed, job.methods["rigl"].seed) == (1, 2)
+
+
+def test_unknown_key_in_a_recipe_lists_the_allowed_keys() -> None:
+    raw = minimal(retrain={"recipes": ["vanilla", {"name": "mix", "mixupp": 0.2}]})
+    assert problems_of(raw) == [
+        "retrain.recipes[1].mixupp: unknown key; allowed keys are: activation, cutmix_alpha, "
+        "label_smoothing, mixup_alpha, name, warmup_epochs (did you mean 'mixup_alpha'?)"
+    ]
+
+
+def test_seeds_must_fit_torch_and_numpy(tmp_path: Path, capsys) -> None:
+    top = 2**63 - 1
+    message = f"must be an integer from 0 to 2**63 - 1 = {top}"
+    for method in ("dense", "cs", "imp", "rigl"):
+        (line,) = problems_of({"name": "j", "methods": {method: {"seed": 2**70}}})
+        assert line == f"methods.{method}.seed: {message} (got {2**70})"
+    (line,) = problems_of({"name": "j", "methods": {"cs": {"sweep": {"seed": [0, -1]}}}})
+    assert line == f"methods.cs.sweep.seed[1]: {message} (got -1)"
+    (line,) = problems_of(minimal(data={"split_seed": 2**32}))
+    assert line.startswith(f"data.split_seed: must be an integer from 0 to 2**32 - 1 = {2**32 - 1}")
+    (trial,) = parse_job({"name": "j", "methods": {"dense": {"seed": top}}}).trials()
+    assert trial.seed == top and trial.trial_id == f"dense-seed={top}"
+    assert parse_job(minimal(data={"split_seed": 2**32 - 1})).data.split_seed == 2**32 - 1
+    path = write(tmp_path, "name: j\nmethods: {cs: {}}\n")
+    assert f"methods.cs.seed: {message}" in cli_error(path, capsys, f"methods.cs.seed={2**70}")
+
+
+def test_a_registered_method_with_an_unchecked_seed_gets_a_spec_error() -> None:
+    class LooseSpec(MethodSpec):
+        """A method whose own spec leaves its seed unchecked."""
+
+        sweep_axes: ClassVar[tuple[str, ...]] = ("seed",)
+        seed: int = Field(0, description="An unchecked seed.")
+        sweep: dict[str, list[Any]] = Field(default_factory=dict, description="Grid axes.")
+
+    register(Method(name="loose", spec=LooseSpec, run=lambda run: {},
+                    identity=lambda s, swept: (f"loose-seed={s.seed}", "loose"),
+                    planned_epochs=lambda trial: 0, description="Loose", label="loose",
+                    order=99))
+    try:
+        job = parse_job({"name": "j", "methods": {"loose": {"seed": 2**70}}})
+        with pytest.raises(SpecError) as info:
+            job.trials()
+        assert str(info.value) == (f"methods.loose.seed: must be an integer from 0 to 2**63 - 1 "
+                                   f"= {2**63 - 1} (got {2**70})")
+    finally:
+        unregister("loose")
+
+
+def test_huge_values_give_short_trial_ids() -> None:
+    assert [format_number(x) for x in (200.0, 1e15, 1e16, 1e308, -1.5e300, 5e-324, 7)] == [
+        "200", "1000000000000000", "1e16", "1e308", "-1.5e300", "5e-324", "7"]
+    job = parse_job({"name": "j", "methods": {"cs": {"beta_final": 1e308,
+                                                      "sweep": {"mask_init": [-1e300, 0]}}}})
+    assert [t.trial_id for t in job.trials()] == [
+        "cs-s0=-1e300-lam=1e-08-beta=1e308-seed=0", "cs-s0=0-lam=1e-08-beta=1e308-seed=0"]
+    assert job.trials()[0].settings.beta_final == 1e308
+    rounds = [2, 10**150, 10**150 + 1]
+    job = parse_job({"name": "j", "methods": {"imp": {"sweep": {"rounds": rounds}}}})
+    ids = [t.trial_id for t in job.trials()]
+    assert ids[0] == "imp-global-p=0.2-r=2-seed=0"
+    assert len(set(ids)) == 3 and all(len(i) <= 120 for i in ids)
+    assert all(re.match(TRIAL_ID_PATTERN, i) for i in ids)
+    assert ids == [t.trial_id for t in parse_job(job.model_dump(by_alias=True)).trials()]
+    assert ids[1].startswith("imp-global-p=0.2-r=1000")
+
+
+def test_tracking_uri_needs_a_supported_scheme(tmp_path: Path, capsys) -> None:
+    accepted = ["http://127.0.0.1:5000", "https://mlflow.example.org", "sqlite:////tmp/m.db",
+                "postgresql://u:p@db/mlflow", "mysql+pymysql://u@db/mlflow", "databricks",
+                "databricks://profile"]
+    for uri in accepted:
+        assert parse_job(minimal(tracking={"uri": uri})).tracking.uri == uri
+    for uri, why in (("notauri", "is not a URI"), ("/tmp/mlruns", "is not a URI"),
+                     ("file:///tmp/x", "MLflow's plain file store is not supported"),
+                     ("http://", "needs a host")):
+        (line,) = problems_of(minimal(tracking={"uri": uri}))
+        assert line.startswith(f"tracking.uri: {why}"), line
+        assert "http(s)://HOST:PORT" in line and "sqlite:///PATH" in line
+        assert "null = a local SQLite store under storage.path" in line
+    path = write(tmp_path, "name: j\nmethods: {cs: {}}\n")
+    assert "tracking.uri: is not a URI" in cli_error(path, capsys, "tracking.uri=notauri")
+
+
+def test_storage_path_expands_home_and_refuses_buckets(tmp_path: Path, capsys,
+                                                       monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_job(minimal(storage={"path": "~/runs"})).storage.path == f"{tmp_path}/runs"
+    assert parse_job(minimal()).spec_hash() == "b42980da69c3"
+    for path in ("s3://bucket/x", "gs://b/x", "gcs://b", "hdfs://nn/x", "abfs://c@a/x",
+                 "file:///x"):
+        (line,) = problems_of(minimal(storage={"path": path}))
+        assert line.startswith("storage.path: must be a filesystem path every node sees"), line
+        assert "bucket storage is not supported yet" in line and repr(path) in line
+    spec = write(tmp_path, "name: j\nmethods: {cs: {}}\nstorage: {path: s3://b/x}\n")
+    assert "storage.path: must be a filesystem path" in cli_error(spec, capsys)
+    assert not (tmp_path / "s3:").exists()
+    ok = write(tmp_path, "name: j\nmethods: {cs: {}}\n", "ok.yaml")
+    assert "storage.path: must be" in cli_error(ok, capsys, "storage.path=gs://b/x")
+    assert load_job(ok, ["storage.path=~/x"]).storage.path == f"{tmp_path}/x"

@@ -21,12 +21,14 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -36,6 +38,8 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
     create_model,
     field_validator,
     model_validator,
@@ -54,10 +58,12 @@ __all__ = [
     "RecipeSpec",
     "ResourcesSpec",
     "RetrainSpec",
+    "Seed",
     "SpecError",
     "StorageSpec",
     "TrackingSpec",
     "TrainSpec",
+    "TRIAL_ID_MAX_LENGTH",
     "TrialSpec",
     "apply_overrides",
     "dump_job",
@@ -79,6 +85,31 @@ JOB_NAME_MAX_LENGTH = 64
 TRIAL_ID_PATTERN = r"^[A-Za-z0-9_.=-]+$"
 
 
+SEED_BITS = 63
+"""Trial seeds are in 0..2**63 - 1: torch generators take at most 2**64 - 1, numpy's
+default_rng no negative seed."""
+SPLIT_SEED_BITS = 32
+"""data.split_seed is in 0..2**32 - 1: scikit-learn's random_state takes no more."""
+
+
+def _seed_type(bits: int) -> Any:
+    """An int seed type in 0..2**bits - 1 whose error message gives the range."""
+    top = 2**bits - 1
+
+    def check(value: int) -> int:
+        if not 0 <= value <= top:
+            raise ValueError(f"must be an integer from 0 to 2**{bits} - 1 = {top} (got {value})")
+        return value
+
+    schema = {"type": "integer", "minimum": 0, "maximum": top}
+    return Annotated[int, AfterValidator(check), WithJsonSchema(schema)]
+
+
+Seed = _seed_type(SEED_BITS)
+"""The type of every trial seed field (a method's ``seed``, ``TrialSpec.seed``)."""
+SplitSeed = _seed_type(SPLIT_SEED_BITS)
+
+
 class SpecError(ValueError):
     """A job spec a user wrote (or the command-line overrides) cannot be used.
 
@@ -92,8 +123,65 @@ class SpecError(ValueError):
         super().__init__("\n".join(lines))
 
 
-class _Spec(BaseModel):
-    """Base of every spec model: unknown keys are errors, instances are immutable."""
+_BOOLEAN_MESSAGE = ("must be a number, not the boolean {value} (YAML reads true/false, yes/no, "
+                    "on/off as booleans); write a number")
+
+
+def _unannotated(annotation: Any) -> Any:
+    """``Annotated[int, ...]`` -> ``int``."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    """The members of a union (``float | Literal['imp'] | None``), else ``[annotation]``."""
+    annotation = _unannotated(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [_unannotated(arg) for arg in typing.get_args(annotation)]
+    return [annotation]
+
+
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field of this type takes ints or floats but not booleans."""
+    members = _union_members(annotation)
+    return bool({int, float} & set(members)) and not {bool, Any} & set(members)
+
+
+def _list_item(annotation: Any) -> Any:
+    """The item type of ``list[X]`` (or ``list[X] | None``); None if it is not a list."""
+    for member in _union_members(annotation):
+        if typing.get_origin(member) is list:
+            return typing.get_args(member)[0]
+    return None
+
+
+def _refuse_booleans(annotation: Any, value: Any) -> None:
+    """Raise if ``value`` is a boolean (or a list holding one) given for a number field:
+    pydantic would read true as 1."""
+    if isinstance(value, bool) and _takes_numbers(annotation):
+        raise ValueError(_BOOLEAN_MESSAGE.format(value=str(value).lower()))
+    item = _list_item(annotation)
+    if isinstance(value, list) and item is not None and _takes_numbers(item):
+        bad = [(index, v) for index, v in enumerate(value) if isinstance(v, bool)]
+        if bad:
+            _raise_problems("list", [((index,), _BOOLEAN_MESSAGE.format(value=str(v).lower()),
+                                      v) for index, v in bad])
+
+
+class _NoBooleans(BaseModel):
+    """Refuses booleans for every number field (and number-list field) of a subclass."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        _refuse_booleans(cls.model_fields[info.field_name].annotation, value)
+        return value
+
+
+class _Spec(_NoBooleans):
+    """Base of every spec model: unknown keys are errors, booleans are not numbers, instances
+    are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -190,7 +278,7 @@ class DataSpec(_Spec):
         description="Training-set augmentation (random crop and flip for images); "
         "null = the dataset's default.",
     )
-    split_seed: int = Field(0, description="Seed of the train/validation split.")
+    split_seed: SplitSeed = Field(0, description="Seed of the train/validation split.")
     synthetic_shape: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [64],
         min_length=1,
@@ -575,10 +663,13 @@ def _sweep_axes_model(cls: type[MethodSpec]) -> type[BaseModel]:
             Field(None, alias=axis, description=f"Values of {axis} to sweep over."),
         )
     return create_model(  # type: ignore[call-overload]
-        f"{cls.__name__}Sweep",
-        __config__=ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True),
-        **fields,
-    )
+        f"{cls.__name__}Sweep", __base__=_SweepAxes, **fields)
+
+
+class _SweepAxes(_NoBooleans):
+    """Base of the sweep validation models (see :func:`_sweep_axes_model`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -776,14 +867,38 @@ class ResourcesSpec(_Spec):
         return value
 
 
+_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_BUCKET_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_TRACKING_URIS = ("http(s)://HOST:PORT of an `mlflow server`, sqlite:///PATH, postgresql://..., "
+                  "mysql://... or databricks; null = a local SQLite store under storage.path")
+
+
 class TrackingSpec(_Spec):
     """Where runs, metrics and tickets are recorded (MLflow)."""
 
     uri: str | None = Field(
         None,
-        description="MLflow tracking URI; null = a sqlite store under storage.path.",
+        description=f"MLflow tracking URI: {_TRACKING_URIS}.",
     )
     experiment: str | None = Field(None, description="MLflow experiment name; null = the job name.")
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, value: str | None) -> str | None:
+        """A URI with a scheme MLflow serves here: not a bare path, not the file store."""
+        if value is None or value == "databricks":
+            return value
+        match = _URI_SCHEME.match(value)
+        scheme = match.group(1).lower() if match else ""
+        if not scheme:
+            problem = "is not a URI (it has no scheme such as http:// or sqlite:///)"
+        elif scheme == "file":
+            problem = "MLflow's plain file store is not supported (file: URIs)"
+        elif scheme in ("http", "https") and not urlsplit(value).netloc:
+            problem = "needs a host, as in http://127.0.0.1:5000"
+        else:
+            return value
+        raise ValueError(f"{problem} (got {value!r}); use {_TRACKING_URIS}")
 
 
 class StorageSpec(_Spec):
@@ -792,8 +907,20 @@ class StorageSpec(_Spec):
     path: str = Field(
         "./ticketsearch-runs",
         min_length=1,
-        description="Directory (or URI) for trial checkpoints and results.",
+        description="Directory for trial checkpoints and results, '~' expanded: a filesystem "
+        "path every node sees (a shared filesystem on a cluster); not a bucket URI.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        """A filesystem path with ``~`` expanded; bucket URIs (``s3://``, ...) are refused."""
+        if _BUCKET_URI.match(value):
+            raise ValueError(
+                "must be a filesystem path every node sees (a shared filesystem such as NFS "
+                f"on a cluster); bucket storage is not supported yet (got {value!r})"
+            )
+        return os.path.expanduser(value)
 
 
 # --------------------------------------------------------------------------------------
@@ -802,10 +929,24 @@ class StorageSpec(_Spec):
 
 
 def format_number(value: float | int) -> str:
-    """Shortest exact text of a number: 200.0 -> '200', 1e-08 -> '1e-08', -0.1 -> '-0.1'."""
-    if isinstance(value, float) and value.is_integer():
+    """Shortest exact text of a number, safe in a trial id: 200.0 -> '200', 1e-08 -> '1e-08',
+    -0.1 -> '-0.1', 1e308 -> '1e308' (whole floats are written out below 1e16, as repr
+    writes them)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
         return str(int(value))
-    return repr(value)
+    return repr(value).replace("e+", "e")
+
+
+TRIAL_ID_MAX_LENGTH = 120
+
+
+def _short_trial_id(trial_id: str) -> str:
+    """``trial_id`` if at most TRIAL_ID_MAX_LENGTH characters, else its head plus 12 hex
+    digits of its sha256: as long as that, deterministic, and distinct for distinct ids."""
+    if len(trial_id) <= TRIAL_ID_MAX_LENGTH:
+        return trial_id
+    digest = hashlib.sha256(trial_id.encode("utf-8")).hexdigest()[:12]
+    return f"{trial_id[:TRIAL_ID_MAX_LENGTH - 13]}-{digest}"
 
 
 class TrialSpec(_Spec):
@@ -818,7 +959,7 @@ class TrialSpec(_Spec):
     )
     name: str = Field(description="Human-readable name (e.g. 'cs s0=-0.1 λ=1e-08 β=200 seed=0').")
     method: str = Field(description="Method this trial runs (a registered method's name).")
-    seed: int = Field(description="Seed of weight initialisation and data order.")
+    seed: Seed = Field(description="Seed of weight initialisation and data order.")
     job_name: str = Field(description="Name of the job the trial belongs to.")
     data: DataSpec = Field(description="Dataset settings.")
     model: ModelSpec = Field(description="Model settings.")
@@ -1008,8 +1149,13 @@ class JobSpec(_Spec):
         trials = []
         for settings in section.expand():
             trial_id, title = method.identity(settings, swept)
-            trials.append(TrialSpec(trial_id=trial_id, name=title, method=name,
-                                    seed=settings.seed, settings=settings, **common))
+            try:
+                trials.append(TrialSpec(trial_id=_short_trial_id(trial_id), name=title,
+                                        method=name, seed=settings.seed, settings=settings,
+                                        **common))
+            except ValidationError as exc:  # a registered method's own spec let it through
+                lines = spec_error_from(exc, TrialSpec).problems
+                raise SpecError([f"methods.{name}.{line}" for line in lines]) from None
         return trials
 
     def spec_hash(self) -> str:
@@ -1065,18 +1211,22 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 def _allowed_keys(
     root: type[BaseModel], loc: Sequence[str | int]
 ) -> tuple[str, str, list[str]] | None:
-    """(noun, plural noun, allowed keys) of the mapping at ``loc`` under ``root``; None if
-    the mapping is not a spec model or a sweep."""
-    current: type[BaseModel] | None = root
+    """(noun, plural noun, allowed keys) of the mapping at ``loc`` under ``root`` (through
+    list items, e.g. ``retrain.recipes[0]``); None if the mapping is not a spec model or a
+    sweep."""
+    annotation: Any = root
     for index, part in enumerate(loc):
-        if current is None or isinstance(part, int):
-            return None
-        name = _field_named(current, part)
-        if name is None:
+        if isinstance(part, int):
+            annotation = _list_item(annotation)
+            continue
+        current = _model_in(annotation)
+        name = None if current is None else _field_named(current, part)
+        if current is None or name is None:
             return None
         if name == "sweep" and issubclass(current, MethodSpec) and index == len(loc) - 1:
             return "sweep axis", "sweep axes", sorted(current.sweep_axes)
-        current = _model_in(current.model_fields[name].annotation)
+        annotation = current.model_fields[name].annotation
+    current = _model_in(annotation)
     if current is None:
         return None
     keys = sorted(info.alias or name for name, info in current.model_fields.items())
@@ -1143,6 +1293,36 @@ def spec_error_from(error: ValidationError, root: type[BaseModel] | None = None)
 # --------------------------------------------------------------------------------------
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping of the YAML text names one key twice."""
+
+    def __init__(self, key: Any, first: int, second: int):
+        where = f"line {first}" if first == second else f"lines {first} and {second}"
+        super().__init__(f"duplicate key {key!r} at {where}; keep one of them (YAML would "
+                         "silently use the last)")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that raises _DuplicateKeyError for a key given twice in one
+    mapping, at any depth (keys a ``<<`` merge brings in may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if first is not None:
+                raise _DuplicateKeyError(key, first, line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=0.05' -> (['train', 'lr'], 0.05); the value is parsed as YAML."""
     key, sep, raw_value = text.partition("=")
@@ -1152,7 +1332,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
             f"override {text!r}: expected dotted.key=value (e.g. train.epochs_per_round=1)"
         )
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        value = yaml.load(raw_value, Loader=_UniqueKeyLoader) if raw_value.strip() else None
     except yaml.YAMLError as exc:
         raise SpecError(f"override {text!r}: the value is not valid YAML ({exc})") from None
     return [part.strip() for part in parts], value
@@ -1244,7 +1424,8 @@ def parse_job(data: Mapping[str, Any]) -> JobSpec:
 
 
 def _read_yaml(path: Path) -> Any:
-    """Parse a YAML file; SpecError naming the file for unreadable files and syntax errors."""
+    """Parse a YAML file; SpecError naming the file for unreadable files, syntax errors and
+    a key given twice in one mapping (with both lines)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -1256,7 +1437,9 @@ def _read_yaml(path: Path) -> Any:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job spec ({exc.strerror})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKeyError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -1267,8 +1450,9 @@ def _read_yaml(path: Path) -> Any:
 def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     """Read a YAML job spec, apply ``dotted.key=value`` overrides, and validate it.
 
-    Raises SpecError for a missing file, a YAML syntax error (with its line), a top level
-    that is not a mapping, a malformed override, or an invalid spec.
+    Raises SpecError for a missing file, a YAML syntax error (with its line), a duplicate
+    key (with its lines), a top level that is not a mapping, a malformed override, or an
+    invalid spec.
     """
     path = Path(path)
     raw = _read_yaml(path)

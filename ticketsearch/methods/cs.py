@@ -11,7 +11,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from ..sparsity import cs
 from ..sparsity.masks import add_soft_masks
-from ..spec import MethodSpec, SpecError, format_number
+from ..spec import MethodSpec, Seed, SpecError, format_number
 from .base import TrialRun
 from .registry import Method
 from .retrain import planned_retrain_epochs, retrain_pending
@@ -83,7 +83,7 @@ class CSSpec(MethodSpec):
         description="Density each round aims at: constant = the final target from round 1; "
         "geometric = (1 - target)^((r + 1) / rounds), reaching it in the last round.",
     )
-    seed: int = Field(0, description="Seed of weight initialisation and data order.")
+    seed: Seed = Field(0, description="Seed of weight initialisation and data order.")
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
         description="Grid axes (allowed: lambda, beta_final, mask_init, target_sparsity, seed), "

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from ..spec import MethodSpec
+from ..spec import MethodSpec, Seed
 from .base import TrialRun
 from .registry import Method
 
@@ -16,7 +16,7 @@ class DenseSpec(MethodSpec):
 
     sweep_axes: ClassVar[tuple[str, ...]] = ("seed",)
 
-    seed: int = Field(0, description="Seed of weight initialisation and data order.")
+    seed: Seed = Field(0, description="Seed of weight initialisation and data order.")
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
         description="Grid axes (allowed: seed), each a non-empty list of values; "

@@ -21,7 +21,7 @@ from ..sparsity.masks import (
     load_dense_state,
     set_binary_masks,
 )
-from ..spec import MethodSpec, format_number
+from ..spec import MethodSpec, Seed, format_number
 from .base import TrialRun
 from .registry import Method
 from .retrain import planned_retrain_epochs, retrain_pending
@@ -56,7 +56,7 @@ class IMPSpec(MethodSpec):
         description="Rewind surviving weights to the rewind snapshot after each round; "
         "false = IMP-C (continue training, rewind only for the final retraining).",
     )
-    seed: int = Field(0, description="Seed of weight initialisation and data order.")
+    seed: Seed = Field(0, description="Seed of weight initialisation and data order.")
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
         description="Grid axes (allowed: prune_fraction, rounds, scope, rewind_between_rounds, "

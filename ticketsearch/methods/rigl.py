@@ -12,7 +12,7 @@ from pydantic import Field
 
 from ..sparsity import rigl
 from ..sparsity.masks import add_binary_masks, binary_masks, dense_state_dict
-from ..spec import MethodSpec, format_number
+from ..spec import MethodSpec, Seed, format_number
 from .base import TrialRun
 from .registry import Method
 
@@ -56,7 +56,7 @@ class RigLSpec(MethodSpec):
         description="Training epochs of the RigL run; null = train.epochs_per_round "
         "(LR milestones scale proportionally).",
     )
-    seed: int = Field(0, description="Seed of weight initialisation, initial masks and data order.")
+    seed: Seed = Field(0, description="Seed of weight initialisation, initial masks and data order.")
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
         description="Grid axes (allowed: sparsity, distribution, seed), each a non-empty list "
