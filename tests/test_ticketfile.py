@@ -164,7 +164,7 @@ def test_returned_tensors_are_writable_and_independent(ticket: Path) -> None:
 
 def test_metadata_sparsity_and_densities(ticket: Path) -> None:
     document = json.loads((ticket / "ticket.json").read_text(encoding="utf-8"))
-    assert document["format_version"] == FORMAT_VERSION == 1
+    assert document["format_version"] == FORMAT_VERSION == 2
     assert document["total_masked"] == 37
     assert document["total_kept"] == 12
     assert document["sparsity"] == pytest.approx(25 / 37)
@@ -379,16 +379,188 @@ def test_missing_directory(tmp_path: Path) -> None:
         read_ticket_dir(tmp_path / "nope")
 
 
-def _edit_json(ticket: Path, edit) -> None:
+def _canonical_sha256(document: dict) -> str:
+    """sha256 of the canonical JSON of ``document`` without ``meta_sha256``, as the format
+    describes it (sorted keys, no whitespace, UTF-8), computed independently of the reader."""
+    rest = {key: value for key, value in document.items() if key != "meta_sha256"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _edit_json(ticket: Path, edit, reseal: bool = True) -> None:
+    """Apply ``edit`` to ticket.json. ``reseal`` recomputes ``meta_sha256`` afterwards (as a
+    buggy writer would), so that the checks behind the metadata checksum are exercised."""
     document = json.loads((ticket / "ticket.json").read_text(encoding="utf-8"))
     edit(document)
+    if reseal and "meta_sha256" in document:
+        document["meta_sha256"] = _canonical_sha256(document)
     (ticket / "ticket.json").write_text(json.dumps(document), encoding="utf-8")
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", True])
+@pytest.mark.parametrize("version", [3, 0, "1", True])
 def test_unsupported_format_version(ticket: Path, version: object) -> None:
     _edit_json(ticket, lambda d: d.update(format_version=version))
-    with pytest.raises(TicketFormatError, match=r"reads format versions \[1\]"):
+    with pytest.raises(TicketFormatError, match=r"reads format versions \[1, 2\]"):
+        read_ticket_dir(ticket)
+
+
+# ---------------------------------------------------------------------------
+# Metadata checksum (format version 2)
+# ---------------------------------------------------------------------------
+
+
+def test_meta_sha256_is_the_sha256_of_the_canonical_json(ticket: Path) -> None:
+    document = json.loads((ticket / "ticket.json").read_text(encoding="utf-8"))
+    assert document["format_version"] == 2
+    assert document["meta_sha256"] == _canonical_sha256(document)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(test_accuracy=0.99),
+        lambda d: d.update(model_kwargs={"width": 2}),
+        lambda d: d.pop("method"),
+        lambda d: d["masks"][0].update(density=0.5),
+        lambda d: d["state"][0].update(dtype="float64"),
+        lambda d: d.update(sparsity=0.1),
+    ],
+    ids=["test_accuracy", "new_key", "removed_key", "mask_index", "state_index", "sparsity"],
+)
+def test_edited_metadata_is_a_checksum_error(ticket: Path, edit) -> None:
+    _edit_json(ticket, edit, reseal=False)
+    with pytest.raises(
+        TicketFormatError, match=r"ticket.json metadata checksum mismatch.*edited or corrupted"
+    ) as info:
+        read_ticket_dir(ticket)
+    assert str(ticket) in str(info.value)
+
+
+def test_reformatted_ticket_json_still_loads(ticket: Path) -> None:
+    _edit_json(ticket, lambda d: None, reseal=False)
+    masks, _, document = read_ticket_dir(ticket)
+    assert document["test_accuracy"] == META["test_accuracy"]
+    assert int(masks["conv.weight"].sum()) == 5
+
+
+def test_caller_cannot_set_meta_sha256(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="meta key 'meta_sha256' is reserved"):
+        write_ticket_dir(tmp_path / "t", _hand_masks(), {}, {"meta_sha256": "0" * 64})
+
+
+# A ticket written by the version-1 writer (before meta_sha256), kept byte for byte.
+V1_TICKET_JSON = """{
+  "format_version": 1,
+  "mask_sha256": "bb81243f60afb620e29be7f53bf0b71804ec88c3a548a533871a12906b3e563f",
+  "masks": [{"density": 0.6, "name": "fc.weight", "nbytes": 2, "numel": 10, "offset": 0,
+             "shape": [2, 5]}],
+  "method": "imp",
+  "name": "old",
+  "sparsity": 0.4,
+  "state": [
+    {"dtype": "float32", "name": "fc.weight", "nbytes": 40, "offset": 0, "shape": [2, 5]},
+    {"dtype": "float32", "name": "fc.bias", "nbytes": 8, "offset": 40, "shape": [2]}
+  ],
+  "state_sha256": "2ce9a98e3f0cfae7b7ed0231012abf726776990cb07cae647dc13987d9238046",
+  "test_acc": 0.5,
+  "total_kept": 6,
+  "total_masked": 10
+}
+"""
+V1_MASKS_BIN = bytes.fromhex("b340")
+V1_STATE_BIN = bytes.fromhex(
+    "0000003f000080bf000000400000803e000040400000c03f000000bf0000000000008040000000c0"
+    "0000003e000040bf"
+)
+
+
+def _write_v1_ticket(path: Path) -> Path:
+    path.mkdir()
+    (path / "ticket.json").write_text(V1_TICKET_JSON, encoding="utf-8")
+    (path / "masks.bin").write_bytes(V1_MASKS_BIN)
+    (path / "state.bin").write_bytes(V1_STATE_BIN)
+    return path
+
+
+def test_version_1_ticket_without_meta_checksum_still_loads(tmp_path: Path) -> None:
+    masks, state, document = read_ticket_dir(_write_v1_ticket(tmp_path / "old"))
+    assert document["format_version"] == 1 and "meta_sha256" not in document
+    assert document["test_acc"] == 0.5
+    expected = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 1]], dtype=torch.bool)
+    assert torch.equal(masks["fc.weight"], expected)
+    assert torch.equal(state["fc.bias"], torch.tensor([0.125, -0.75]))
+    assert state["fc.weight"][1, 3].item() == 4.0
+
+
+def test_version_1_ticket_carrying_a_meta_checksum_is_rejected(ticket: Path) -> None:
+    _edit_json(ticket, lambda d: d.update(format_version=1), reseal=False)
+    with pytest.raises(TicketFormatError, match="format_version 1.*meta_sha256"):
+        read_ticket_dir(ticket)
+
+
+# ---------------------------------------------------------------------------
+# Declared sizes against the bytes present
+# ---------------------------------------------------------------------------
+
+
+def _no_unpacking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any attempt to unpack a mask or build a state tensor fail the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reader decoded a tensor before checking the file sizes")
+
+    monkeypatch.setattr(ticketfile, "unpack_mask", refuse)
+    monkeypatch.setattr(ticketfile, "tensor_from_bytes", refuse)
+
+
+def test_huge_mask_shape_is_rejected_before_allocating(
+    ticket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shape = [1_000_000, 1_000_000, 1000]
+    numel = math.prod(shape)
+    _edit_json(
+        ticket,
+        lambda d: d["masks"][1].update(shape=shape, numel=numel, nbytes=-(-numel // 8)),
+    )
+    _no_unpacking(monkeypatch)
+    with pytest.raises(
+        TicketFormatError, match=r"mask 'fc\.weight'.*masks\.bin holds only 6 bytes"
+    ) as info:
+        read_ticket_dir(ticket)
+    assert str(ticket) in str(info.value)
+
+
+def test_huge_state_shape_is_rejected_before_allocating(
+    ticket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shape = [1_000_000, 1_000_000, 1000]
+    _edit_json(ticket, lambda d: d["state"][-1].update(shape=shape, nbytes=math.prod(shape)))
+    _no_unpacking(monkeypatch)
+    with pytest.raises(
+        TicketFormatError, match=r"state 'extra\.flags'.*state\.bin holds only 243 bytes"
+    ):
+        read_ticket_dir(ticket)
+
+
+def test_huge_mask_shape_without_reseal_is_a_checksum_error(ticket: Path) -> None:
+    _edit_json(ticket, lambda d: d["masks"][0].update(shape=[1_000_000, 1_000_000, 1000]),
+               reseal=False)
+    with pytest.raises(TicketFormatError, match="metadata checksum mismatch"):
+        read_ticket_dir(ticket)
+
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ({"numel": 26}, r"mask 'conv\.weight' has numel=26, expected 27"),
+        ({"shape": [3, -3, -3]}, r"mask 'conv\.weight' has an invalid shape"),
+        ({"shape": [3.0, 3, 3]}, r"mask 'conv\.weight' has an invalid shape"),
+        ({"numel": True}, r"mask 'conv\.weight' has numel=True"),
+    ],
+)
+def test_inconsistent_mask_entry_names_the_mask(ticket: Path, entry: dict, needle: str) -> None:
+    _edit_json(ticket, lambda d: d["masks"][0].update(entry))
+    with pytest.raises(TicketFormatError, match=needle):
         read_ticket_dir(ticket)
 
 

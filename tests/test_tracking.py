@@ -1,7 +1,9 @@
 """MLflow tracking on the default local SQLite store (no server)."""
 
 import json
+from pathlib import Path
 
+import mlflow
 import pytest
 from conftest import tiny_job_dict
 from mlflow.tracking import MlflowClient
@@ -104,8 +106,10 @@ def test_ticket_artifacts_load_with_matching_checksums(tracked, tmp_path):
             local = json.load(open(f"{trial_dir}/tickets/{ticket['name']}/ticket.json"))
             assert loaded.sparsity == pytest.approx(local["sparsity"])
             assert loaded.meta["test_acc"] == ticket["test_acc"]
-            downloaded = tracking.download_ticket(uri, summary["tracking"]["uri"])
-            remote = json.load(open(downloaded / "ticket.json"))
+            downloaded = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(tmp_path / run.info.run_id),
+                tracking_uri=summary["tracking"]["uri"])
+            remote = json.load(open(Path(downloaded) / "ticket.json"))
             assert remote["mask_sha256"] == local["mask_sha256"]
             assert remote["state_sha256"] == local["state_sha256"]
 

@@ -12,6 +12,7 @@ import queue
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from conftest import tiny_job_dict
@@ -169,7 +170,7 @@ def test_eight_concurrent_trials_each_finish_their_own_child_run(concurrent_job)
         assert not (job_dir / "trials" / trial_id / tracking.PENDING_FILE).exists()
 
 
-def test_each_cs_ticket_downloads_from_the_server_unchanged(concurrent_job):
+def test_each_cs_ticket_downloads_from_the_server_unchanged(concurrent_job, tmp_path):
     job, job_dir, jt, _ = concurrent_job
     for trial_id, run_id in jt.trial_runs.items():
         local_dir = job_dir / "trials" / trial_id / "tickets" / "final"
@@ -177,8 +178,9 @@ def test_each_cs_ticket_downloads_from_the_server_unchanged(concurrent_job):
         artifact = f"runs:/{run_id}/tickets/final"
         ticket = ticketsearch.load_ticket(artifact, tracking_uri=jt.uri)
         assert ticket.name == "final" and ticket.meta["trial_id"] == trial_id
-        downloaded = tracking.download_ticket(artifact, tracking_uri=jt.uri)
-        remote_json = json.loads((downloaded / "ticket.json").read_text())
+        downloaded = mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact, dst_path=str(tmp_path / trial_id), tracking_uri=jt.uri)
+        remote_json = json.loads((Path(downloaded) / "ticket.json").read_text())
         assert remote_json["mask_sha256"] == local_json["mask_sha256"]
         assert remote_json["state_sha256"] == local_json["state_sha256"]
         local = ticketsearch.load_ticket(local_dir)

@@ -1,6 +1,7 @@
 """ticketsearch: parallel lottery-ticket search (Continuous Sparsification, IMP)."""
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 try:
     __version__ = version("ticketsearch")
@@ -12,14 +13,13 @@ def load_ticket(path, tracking_uri=None):
     """Load a ticket: a local ticket directory, or an MLflow artifact URI such as
     ``runs:/<run_id>/tickets/<name>`` (downloaded first; ``tracking_uri`` defaults to
     ``MLFLOW_TRACKING_URI``). Checksums are verified; nothing is unpickled."""
-    from .tickets import load_ticket as _load
+    from .tickets import is_artifact_uri, load_ticket_dir
 
-    text = str(path)
-    if "://" in text or text.startswith(("runs:/", "models:/")):
-        from .tracking import download_ticket
+    if is_artifact_uri(path):
+        from .tracking import load_ticket_artifact
 
-        return _load(download_ticket(text, tracking_uri))
-    return _load(path)
+        return load_ticket_artifact(str(path), tracking_uri)
+    return load_ticket_dir(Path(path))
 
 
 __all__ = ["__version__", "load_ticket"]

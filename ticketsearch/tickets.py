@@ -21,7 +21,11 @@ from .sparsity.masks import (
     mask_density,
     masked_modules,
 )
-from .sparsity.ticketfile import WRITER_KEYS, read_ticket_dir, write_ticket_dir
+from .sparsity.ticketfile import (
+    WRITER_KEYS,
+    read_ticket_dir,
+    write_ticket_dir,
+)
 
 
 @dataclass
@@ -128,10 +132,24 @@ def _made_for(meta: dict[str, Any]) -> str:
 
 
 def load_ticket(path: str | Path) -> Ticket:
-    """Read a ticket directory, verifying its checksums (never unpickles anything)."""
+    """Read the ticket in directory ``path``, verifying its checksums (never unpickles
+    anything). (``ticketsearch.load_ticket`` also takes MLflow artifact URIs.)"""
+    return load_ticket_dir(Path(path))
+
+
+def is_artifact_uri(path: str | Path) -> bool:
+    """True if ``path`` names an MLflow artifact (``runs:/...``, ``models:/...``, or any
+    ``scheme://...``) rather than a local directory."""
+    text = str(path)
+    return "://" in text or text.startswith(("runs:/", "models:/"))
+
+
+def load_ticket_dir(path: Path, name: str | None = None) -> Ticket:
+    """The ticket in directory ``path``; its name is the recorded one, else ``name``, else
+    the directory's name."""
     masks, state, meta = read_ticket_dir(path)
     own = {k: v for k, v in meta.items() if k not in WRITER_KEYS}
-    name = own.pop("name", Path(path).name)
+    name = own.pop("name", name or path.name)
     return Ticket(name=name, masks=masks, rewind_state=state, meta=own)
 
 

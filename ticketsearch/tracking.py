@@ -484,16 +484,49 @@ def sync_job_dir(job_dir: Path) -> dict[str, bool]:
 # --- reading back ------------------------------------------------------------------------------
 
 
-def download_ticket(uri: str, tracking_uri: str | None = None) -> Path:
-    """Download a ticket artifact (``runs:/<run_id>/tickets/<name>``) to a temporary folder."""
+def load_ticket_artifact(uri: str, tracking_uri: str | None = None) -> Ticket:
+    """The ticket logged as artifact ``uri`` (``runs:/<run_id>/tickets/<name>``; resolved in
+    ``tracking_uri``, default ``MLFLOW_TRACKING_URI``): downloaded into a temporary directory,
+    loaded into memory (checksums verified) and the directory removed, also on failure. A URI
+    with no ticket, or any problem with it, raises TicketFormatError naming ``uri``."""
     import tempfile
 
+    from .sparsity.ticketfile import TicketFormatError
+    from .tickets import load_ticket_dir
+
+    with tempfile.TemporaryDirectory(prefix="ticket-") as tmp:
+        local = _download(uri, tmp, tracking_uri)
+        try:
+            return load_ticket_dir(local, name=uri.rstrip("/").rsplit("/", 1)[-1])
+        except TicketFormatError as err:
+            message = str(err).replace(f"ticket {local}:", f"ticket {uri}:")
+            if not local.is_dir():
+                message = _no_ticket(uri, "it is not a directory")
+            raise TicketFormatError(message) from err
+
+
+def _download(uri: str, dst: str, tracking_uri: str | None) -> Path:
+    """``mlflow.artifacts.download_artifacts`` of ``uri`` into ``dst``; a failure (no such
+    run or artifact, store unreachable) raises TicketFormatError naming ``uri``."""
     import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from .sparsity.ticketfile import TicketFormatError
 
     _quiet_client_env()
-    target = tempfile.mkdtemp(prefix="ticket-")
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=target,
-                                                    tracking_uri=tracking_uri))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as err:
+        raise TicketFormatError(_no_ticket(uri, str(err).strip())) from err
+
+
+def _no_ticket(uri: str, reason: str) -> str:
+    """The message for an artifact URI that holds no ticket, saying how to find one."""
+    return (f"no ticket at {uri} ({reason}); check the run id and ticket name: "
+            "`ticketsearch tickets` lists the logged tickets with their URIs (runs:/ URIs are "
+            "resolved in the store MLFLOW_TRACKING_URI names)")
+
 
 
 def list_tickets(uri: str, job: str | None = None, method: str | None = None,

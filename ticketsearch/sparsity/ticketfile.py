@@ -6,7 +6,12 @@ A ticket is a directory holding three files:
     UTF-8 JSON, indented, keys sorted. The writer owns the keys in ``WRITER_KEYS``
     (format version, mask and state indexes, sparsity totals, sha256 checksums); the
     caller's metadata (method, settings, model, dataset, rewind epoch, accuracy, ...)
-    is merged into the same top-level object.
+    is merged into the same top-level object. ``meta_sha256`` is the sha256 (hex) of the
+    canonical JSON of every other top-level key: ``json.dumps(rest, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)`` encoded as UTF-8. It covers the caller's
+    metadata and the writer's keys alike (indexes with names, shapes, numel, dtypes,
+    offsets and sizes; totals; the two file checksums), so any edit of ticket.json is
+    detected, while re-indenting or reordering its keys is not an edit.
 ``masks.bin``
     The binary masks, 1 bit per weight: ``numpy.packbits`` (big bit order) of each
     flattened C-order bool mask. Every mask starts on a byte boundary; masks follow the
@@ -16,7 +21,12 @@ A ticket is a directory holding three files:
     the order of ``ticket.json["state"]``, each starting at an 8-byte aligned offset
     (zero bytes fill the gaps); the file ends with the last tensor's last byte.
 
-Nothing here pickles or unpickles: the format is plain JSON plus raw bytes, and every
+Format versions: the writer writes version 2. Version 1 is version 2 without
+``meta_sha256`` (its metadata is not checksummed); the reader still reads it.
+
+Before decoding anything the reader checks every index entry against the sizes of the
+binary files, so a damaged or crafted index cannot make it allocate more than the files
+hold. Nothing here pickles or unpickles: the format is plain JSON plus raw bytes, and every
 problem found while reading raises ``TicketFormatError`` naming the file at fault.
 """
 
@@ -36,8 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS: tuple[int, ...] = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
 
 TICKET_JSON = "ticket.json"
 MASKS_BIN = "masks.bin"
@@ -56,8 +66,14 @@ WRITER_KEYS: frozenset[str] = frozenset(
         "mask_sha256",
         "state",
         "state_sha256",
+        "meta_sha256",
     }
 )
+META_SHA256 = "meta_sha256"
+# Writer keys that every supported version has; version 2 adds META_SHA256.
+_BASE_KEYS: frozenset[str] = WRITER_KEYS - {META_SHA256}
+# Largest accepted dimension: keeps every size computation within int64.
+_MAX_DIM = 2**62
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -297,6 +313,14 @@ def _check_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
+def meta_sha256(document: Mapping[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of every top-level key of ``document`` except
+    ``meta_sha256``: sorted keys, ``(",", ":")`` separators, UTF-8, non-ASCII kept."""
+    rest = {key: value for key, value in document.items() if key != META_SHA256}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _write_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` and fsync it."""
     with open(path, "wb") as handle:
@@ -351,6 +375,7 @@ def write_ticket_dir(
         "state": state_entries,
         "state_sha256": hashlib.sha256(state_payload).hexdigest(),
     }
+    document[META_SHA256] = meta_sha256(document)
     text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -383,7 +408,7 @@ def _fail(directory: Path, message: str) -> TicketFormatError:
     return TicketFormatError(f"ticket {directory}: {message}")
 
 
-def _read_json(directory: Path) -> dict[str, Any]:
+def _parse_json(directory: Path) -> dict[str, Any]:
     """Parse ticket.json into a dict, or raise ``TicketFormatError`` naming it."""
     try:
         text = (directory / TICKET_JSON).read_bytes().decode("utf-8")
@@ -394,7 +419,12 @@ def _read_json(directory: Path) -> dict[str, Any]:
         raise _fail(
             directory, f"{TICKET_JSON} must hold a JSON object, got {type(document).__name__}"
         )
-    missing = sorted(WRITER_KEYS - document.keys())
+    return document
+
+
+def _check_version(directory: Path, document: dict[str, Any]) -> int:
+    """The writer keys of every version must be present; return the supported version."""
+    missing = sorted(_BASE_KEYS - document.keys())
     if missing:
         raise _fail(directory, f"{TICKET_JSON} lacks the keys {missing}")
     version = document["format_version"]
@@ -404,6 +434,38 @@ def _read_json(directory: Path) -> dict[str, Any]:
             f"{TICKET_JSON} has format_version {version!r}; this build of ticketsearch reads "
             f"format versions {list(SUPPORTED_FORMAT_VERSIONS)}",
         )
+    return version
+
+
+def _check_meta_sha256(directory: Path, document: dict[str, Any], version: int) -> None:
+    """Version 2: ``meta_sha256`` must match the metadata. Version 1 has none (and must not
+    carry one: that is a version-2 ticket whose version was edited)."""
+    if version == 1:
+        if META_SHA256 in document:
+            raise _fail(
+                directory,
+                f"{TICKET_JSON} has format_version 1 but carries {META_SHA256}, which only "
+                "version 2 writes; ticket.json was edited or corrupted",
+            )
+        return
+    if META_SHA256 not in document:
+        raise _fail(directory, f"{TICKET_JSON} lacks the keys {[META_SHA256]}")
+    recorded, digest = document[META_SHA256], meta_sha256(document)
+    if recorded != digest:
+        raise _fail(
+            directory,
+            f"{TICKET_JSON} metadata checksum mismatch: {META_SHA256} records {recorded!r}, "
+            f"the metadata hashes to {digest}; ticket.json was edited or corrupted, so its "
+            "metadata (accuracies, settings, model, indexes) cannot be trusted",
+        )
+
+
+def _read_json(directory: Path) -> dict[str, Any]:
+    """Parse ticket.json and verify its version and (version 2) metadata checksum; any
+    problem raises ``TicketFormatError`` naming it."""
+    document = _parse_json(directory)
+    version = _check_version(directory, document)
+    _check_meta_sha256(directory, document, version)
     return document
 
 
@@ -422,7 +484,7 @@ def _entry_field(directory: Path, entry: Any, key: str, where: str) -> Any:
 def _entry_shape(directory: Path, entry: dict[str, Any], where: str) -> tuple[int, ...]:
     """The validated ``shape`` of an index entry."""
     shape = _entry_field(directory, entry, "shape", where)
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape):
         raise _fail(directory, f"{TICKET_JSON} {where} has an invalid shape {shape!r}")
     return tuple(shape)
 
@@ -461,6 +523,8 @@ def _mask_layout(
         where = f"mask '{name}'"
         shape = _entry_shape(directory, entry, where)
         numel = math.prod(shape)
+        if numel == 0:
+            raise _fail(directory, f"{TICKET_JSON} {where} has no elements (shape {list(shape)})")
         fields = {
             key: _entry_field(directory, entry, key, where) for key in ("numel", "offset", "nbytes")
         }
@@ -513,15 +577,34 @@ def _state_layout(
     return layout
 
 
+def _check_size(directory: Path, filename: str, spans: list[tuple[str, int, int]]) -> int:
+    """Check the byte ``spans`` (description, offset, nbytes) an index declares against the
+    size of ``filename`` on disk, before anything is read or allocated; return the size.
+
+    The spans are contiguous in file order, so the file must end where the last one ends.
+    """
+    size = (directory / filename).stat().st_size
+    expected = spans[-1][1] + spans[-1][2] if spans else 0
+    if size > expected:
+        raise _fail(directory, f"{filename} is too long: expected {expected} bytes, found {size}")
+    for what, offset, nbytes in spans:
+        if offset + nbytes > size:
+            raise _fail(
+                directory,
+                f"{filename} is truncated: expected {expected} bytes, found {size}; "
+                f"{TICKET_JSON} {what} needs bytes {offset} to {offset + nbytes}, but "
+                f"{filename} holds only {size} bytes",
+            )
+    return size
+
+
 def _read_payload(directory: Path, filename: str, size: int, sha256: Any) -> bytes:
-    """Read a binary file, checking its size against the index and its sha256."""
+    """Read a binary file whose size ``_check_size`` accepted; verify size and sha256."""
     data = (directory / filename).read_bytes()
-    if len(data) < size:
-        raise _fail(directory, f"{filename} is truncated: expected {size} bytes, found {len(data)}")
-    if len(data) > size:
+    if len(data) != size:
         raise _fail(
-            directory,
-            f"{filename} is too long: expected {size} bytes, found {len(data)}",
+            directory, f"{filename} changed while being read: expected {size} bytes, "
+            f"found {len(data)}"
         )
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
@@ -533,10 +616,13 @@ def _read_payload(directory: Path, filename: str, size: int, sha256: Any) -> byt
     return data
 
 
-def _decode_masks(directory: Path, document: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Read, verify and unpack masks.bin."""
-    layout = _mask_layout(directory, document)
-    size = sum(nbytes for _, _, _, nbytes in layout)
+def _decode_masks(
+    directory: Path,
+    document: dict[str, Any],
+    layout: list[tuple[str, tuple[int, ...], int, int]],
+    size: int,
+) -> dict[str, torch.Tensor]:
+    """Read, verify and unpack masks.bin (``size`` bytes, as checked against ``layout``)."""
     data = _read_payload(directory, MASKS_BIN, size, document["mask_sha256"])
     masks: dict[str, torch.Tensor] = {}
     for name, shape, offset, nbytes in layout:
@@ -583,10 +669,13 @@ def _close(recorded: Any, actual: float) -> bool:
     return math.isclose(recorded, actual, rel_tol=_DENSITY_TOLERANCE, abs_tol=_DENSITY_TOLERANCE)
 
 
-def _decode_state(directory: Path, document: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Read, verify and decode state.bin."""
-    layout = _state_layout(directory, document)
-    size = layout[-1][3] + layout[-1][4] if layout else 0
+def _decode_state(
+    directory: Path,
+    document: dict[str, Any],
+    layout: list[tuple[str, torch.dtype, tuple[int, ...], int, int]],
+    size: int,
+) -> dict[str, torch.Tensor]:
+    """Read, verify and decode state.bin (``size`` bytes, as checked against ``layout``)."""
     data = _read_payload(directory, STATE_BIN, size, document["state_sha256"])
     return {
         name: tensor_from_bytes(data[offset : offset + nbytes], dtype, shape)
@@ -602,10 +691,12 @@ def read_ticket_dir(
     Returns ``(masks, state, document)``: masks as bool CPU tensors and state as CPU
     tensors (both freshly allocated and writable, in index order), and the full
     ticket.json dict. Verifies that the three files exist, ticket.json parses and holds
-    the writer keys of a supported ``format_version``, the indexes are consistent
-    (names, dtypes, shapes, offsets, sizes), the binary files have exactly the indexed
-    size and the recorded sha256, mask padding bits are zero and the recorded densities
-    and totals match the masks. Any problem raises ``TicketFormatError`` naming the file.
+    the writer keys of a supported ``format_version`` and (version 2) the metadata
+    checksum ``meta_sha256``, the indexes are consistent (names, dtypes, shapes, numel,
+    offsets, sizes), every indexed tensor lies within the binary files and they have
+    exactly the indexed size (checked before anything is read or allocated) and the
+    recorded sha256, mask padding bits are zero and the recorded densities and totals
+    match the masks. Any problem raises ``TicketFormatError`` naming the file.
     """
     directory = Path(path).expanduser()
     if not directory.is_dir():
@@ -614,6 +705,13 @@ def read_ticket_dir(
         if not (directory / filename).is_file():
             raise _fail(directory, f"{filename} is missing; a ticket holds {list(TICKET_FILES)}")
     document = _read_json(directory)
-    masks = _decode_masks(directory, document)
-    state = _decode_state(directory, document)
+    mask_layout = _mask_layout(directory, document)
+    state_layout = _state_layout(directory, document)
+    mask_spans = [(f"mask '{n}' of shape {list(dims)}", off, nb) for n, dims, off, nb in mask_layout]
+    mask_size = _check_size(directory, MASKS_BIN, mask_spans)
+    state_spans = [(f"state '{n}' of shape {list(dims)}", off, nb)
+                   for n, _, dims, off, nb in state_layout]
+    state_size = _check_size(directory, STATE_BIN, state_spans)
+    masks = _decode_masks(directory, document, mask_layout, mask_size)
+    state = _decode_state(directory, document, state_layout, state_size)
     return masks, state, document
