@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import pickle
 import queue
+import signal
+import threading
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 from conftest import tiny_job_dict
 from mlflow.tracking import MlflowClient
@@ -294,3 +298,147 @@ def test_run_refuses_an_unreachable_server_before_writing_anything(tmp_path, cap
     assert elapsed < 10
     assert uri in err and "unreachable" in err
     assert not storage.exists() or list(storage.iterdir()) == []
+
+
+# --------------------------------------------------------------- resumed trials, outages
+
+
+class CrashAfterTicket(TrialDirHooks):
+    """Stands in for a worker killed right after a round end was sent (its epochs after the
+    last checkpoint reached MLflow) and its ticket saved, before the next checkpoint."""
+
+    def ticket_found(self, ticket) -> None:
+        super().ticket_found(ticket)
+        raise RuntimeError(f"killed after ticket {ticket.name}")
+
+
+def test_a_resumed_trial_sends_every_step_once(shared_server, tmp_path, digits):
+    job = job_of("resume-once", shared_server.uri, imp={"rounds": 3})
+    trial, trial_dir, jt = tracked_trial(job, tmp_path / "storage")
+    run_id = jt.trial_runs[trial.trial_id]
+    with pytest.raises(RuntimeError, match="killed after ticket"):
+        run_trial(trial, digits, tracking.MlflowHooks(CrashAfterTicket(trial_dir), jt.uri, run_id))
+    client = MlflowClient(shared_server.uri)
+    sent_before = step_values(client, run_id, "train_loss")
+    state = torch.load(trial_dir / "checkpoint.pt", weights_only=True)
+    checkpointed = len(state["ledger"]["entries"])
+    assert sent_before == list(range(len(sent_before)))
+    assert checkpointed < len(sent_before)  # epochs sent after the last checkpoint: retrained
+    hooks = tracking.MlflowHooks(TrialDirHooks(trial_dir), jt.uri, run_id)
+    result = run_trial(trial, digits, hooks)
+    TrialDirHooks(trial_dir).write_result(result)
+    assert hooks.finish(result) is True
+    assert result.ledger.recomputed_epochs == len(sent_before) - checkpointed
+    epochs = result.ledger.epochs()
+    for key in ("train_loss", "epoch_seconds", "sparsity"):
+        assert step_values(client, run_id, key) == list(range(epochs)), key
+    assert step_values(client, run_id, "round_sparsity") == [0, 1, 2]
+    assert step_values(client, run_id, "ticket_sparsity") == [1, 2, 3]
+
+
+def test_a_job_that_ends_in_an_outage_says_so_and_sync_completes_it(ray_local, own_server,
+                                                                     tmp_path, capsys):
+    """SIGKILL the server mid-job and keep it down: the job's report is complete anyway (it
+    comes from the job directory), the command exits 3 naming `ticketsearch sync`, and sync
+    delivers every step once and closes every run, the parent with the job's summary."""
+    own_server.start()
+    data = tiny_job_dict(cs={"rounds": 2}, imp={"rounds": 2})
+    data.update(name="outage-job", tracking={"uri": own_server.uri}, resources={"cpus": 1})
+    data["model"]["mlp_hidden"] = [300, 100]
+    data["train"].update(epochs_per_round=20, lr_milestones=[15], checkpoint_every=5)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(data))
+    job = parse_job(data)
+    root = tmp_path / "runs" / f"{job.name}-{job.spec_hash()}"
+    killed = threading.Thread(target=_kill_server_after_epochs, args=(own_server, root, 5))
+    killed.start()
+    code = cli.main(["run", str(spec), "--storage", str(tmp_path / "runs")])
+    killed.join()
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_UNSENT, err[-2000:]
+    assert f"ticketsearch sync {root}" in err
+    report = json.loads((root / "report" / "report.json").read_text())
+    trials = {t.trial_id: read_result(root / "trials" / t.trial_id) for t in job.trials()}
+    assert all(trials.values())
+    assert report["methods"]["cs"]["search_epochs"]["total"] == 40
+    assert report["methods"]["imp"]["search_epochs"]["total"] == 40
+    assert any((root / "trials" / t / tracking.PENDING_FILE).exists() for t in trials)
+
+    own_server.start()
+    assert cli.main(["sync", str(root)]) == 0
+    assert "parent run closed" in capsys.readouterr().out
+    client = MlflowClient(own_server.uri)
+    state = tracking.JobTracking.load(root)
+    for trial_id, record in trials.items():
+        run_id = state.trial_runs[trial_id]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        epochs = record.ledger.epochs["total"]
+        assert step_values(client, run_id, "train_loss") == list(range(epochs)), trial_id
+    parent = client.get_run(state.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    names = {a.path for a in client.list_artifacts(state.parent_run_id)}
+    assert {"summary.json", "report"} <= names
+    assert not any((root / "trials" / t / tracking.PENDING_FILE).exists() for t in trials)
+
+
+def _kill_server_after_epochs(server: MlflowServer, root: Path, epochs: int) -> None:
+    """SIGKILL ``server`` once some trial of the job in ``root`` has logged ``epochs``."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for events in root.glob("trials/*/events.jsonl"):
+            lines = events.read_text().count('"kind": "epoch"')
+            if lines >= epochs:
+                os.killpg(server.process.pid, signal.SIGKILL)
+                server.process.wait()
+                server.process = None
+                return
+        time.sleep(0.02)
+
+
+def test_a_killed_ray_worker_resumes_with_every_step_once_and_its_time_kept(
+        ray_local, shared_server, tmp_path):
+    """SIGKILL a Tune trial's worker right after a round end was sent, before the next
+    checkpoint: the resumed trial's MLflow history has every step once, and the killed
+    attempt's wall-clock lasts until the kill, not until its last checkpoint."""
+    from ticketsearch.cluster import run_job_on_ray
+
+    data = tiny_job_dict(imp={"rounds": 3})
+    data.update(name="killed-tracked", tracking={"uri": shared_server.uri},
+                resources={"cpus": 1, "max_failures": 2})
+    data["model"]["mlp_hidden"] = [300, 100]
+    data["train"].update(epochs_per_round=10, lr_milestones=[8], checkpoint_every=1000)
+    job = parse_job(data)
+    (trial,) = job.trials()
+    trial_dir = tmp_path / f"{job.name}-{job.spec_hash()}" / "trials" / trial.trial_id
+    killed = {}
+    thread = threading.Thread(target=_kill_worker_after_rounds, args=(trial_dir, 2, killed))
+    thread.start()
+    outcome = run_job_on_ray(job, storage=tmp_path, echo=lambda _: None)
+    thread.join()
+    assert "pid" in killed, "the trial finished before it could be killed"
+    assert outcome["unsent"] == []
+    record = read_result(trial_dir)
+    assert record.ledger.attempts == 2 and record.ledger.recomputed_epochs >= 1
+    first_attempt = record.ledger.attempt_windows[0]
+    assert first_attempt[1] >= killed["last_event_t"]
+    client = MlflowClient(shared_server.uri)
+    run_id = record.run_id
+    assert step_values(client, run_id, "train_loss") == list(range(record.ledger.epochs["total"]))
+    assert step_values(client, run_id, "round_sparsity") == [0, 1, 2]
+
+
+def _kill_worker_after_rounds(trial_dir: Path, rounds: int, killed: dict) -> None:
+    """SIGKILL the trial's worker as soon as its ``rounds``-th round end is logged."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            events = [json.loads(line) for line in
+                      (trial_dir / "events.jsonl").read_text().splitlines()]
+        except (OSError, json.JSONDecodeError):
+            events = []
+        if sum(e["kind"] == "round" for e in events) >= rounds:
+            killed["pid"] = int((trial_dir / "worker.pid").read_text())
+            killed["last_event_t"] = max(e["t"] for e in events)
+            os.kill(killed["pid"], signal.SIGKILL)
+            return
+        time.sleep(0.005)

@@ -1,7 +1,9 @@
 """The ``ticketsearch`` command.
 
 Errors a user can cause (a bad spec, a missing dataset, a corrupt ticket) are printed as one
-clear message without a traceback, and the command exits with status 2.
+clear message without a traceback, and the command exits with status 2. A job that finished
+while its tracking server was away exits with status 3 (``EXIT_UNSENT``) until ``ticketsearch
+sync`` has delivered what waits in its directory.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_UNSENT = 3
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .cluster import ClusterError
     from .data import DatasetError
     from .hooks import CheckpointError
+    from .jobdir import JobLockedError
     from .models import ModelError
     from .report import ReportError
     from .sparsity.ticketfile import TicketFormatError
@@ -29,7 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (SpecError, DatasetError, ModelError, TicketFormatError, CheckpointError,
             TrackingError, ClusterError, SubmitError, ReportError, UserCodeError,
-            FileNotFoundError)
+            JobLockedError, FileNotFoundError)
 
 
 def _load_with_code(args):
@@ -104,12 +108,17 @@ def cmd_resume(args) -> int:
 
 
 def _print_outcome(outcome: dict) -> int:
-    """The job's summary (rendered from its report) and where its results are."""
+    """The job's summary (rendered from its report) and where its results are; exit status
+    3 while some of its tracking data waits for ``ticketsearch sync``."""
     from .report import format_summary
 
     if outcome["report"] is not None:
         print(format_summary(outcome["report"]))
     print(f"results in {outcome['job_dir']}")
+    if outcome.get("unsent"):
+        print(f"the tracking server is missing some of this job ({', '.join(outcome['unsent'])})"
+              f"; send it with `ticketsearch sync {outcome['job_dir']}`", file=sys.stderr)
+        return EXIT_UNSENT
     return 0
 
 
@@ -219,10 +228,13 @@ def cmd_sync(args) -> int:
     from .tracking import sync_job_dir
 
     outcome = sync_job_dir(Path(args.job_dir))
-    left = [trial for trial, done in outcome.items() if not done]
-    print(f"synced {len(outcome) - len(left)} trial journals"
-          + (f"; still pending: {', '.join(left)}" if left else ""))
-    return 1 if left else 0
+    left = [name for name, done in outcome.items() if not done]
+    trials = [name for name in outcome if name != "parent run"]
+    parent = {True: "; parent run closed with the job's summary and report",
+              False: "", None: ""}[outcome.get("parent run")]
+    print(f"synced {len(trials) - len(set(left) & set(trials))} trial journals{parent}"
+          + (f"; still pending: {', '.join(left)} (is the tracking server up?)" if left else ""))
+    return EXIT_UNSENT if left else 0
 
 
 def cmd_submit(args) -> int:

@@ -24,6 +24,8 @@ from .jobdir import read_result
 from .spec import JobSpec
 
 PROGRESS_EVERY_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+LOOPBACK = "127.0.0.1"
 
 
 class ClusterError(RuntimeError):
@@ -100,8 +102,12 @@ def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict,
 
 
 def init_ray(address: str | None, dashboard: bool = False) -> float:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local one; returns
-    the seconds it took."""
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a new local one (never
+    silently join another ``ray start`` cluster of this machine); returns the seconds it took.
+
+    A local Ray is private to this machine: its node address is loopback and Ray's metrics
+    exporter (an HTTP port that answers without the cluster's token) is off. An address that
+    does not answer raises ClusterError within ``CONNECT_TIMEOUT_S``."""
     import ray
 
     # Checkpointing every few epochs is intended; Tune's "excessive snapshot" warning is noise.
@@ -109,16 +115,48 @@ def init_ray(address: str | None, dashboard: bool = False) -> float:
     start = time.perf_counter()
     if ray.is_initialized():
         return 0.0
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
+            check_cluster_reachable(address)
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=dashboard, log_to_driver=False)
+            ray.init(address="local", include_dashboard=dashboard, log_to_driver=False,
+                     _node_ip_address=LOOPBACK,
+                     _system_config={"enable_metrics_collection": False})
     except ConnectionError as err:
         raise ClusterError(f"cannot reach a Ray cluster at {address}: {err}; check the "
                            "address (ray://... or HOST:6379) and that the cluster is up") from None
     return time.perf_counter() - start
+
+
+def cluster_endpoint(address: str) -> tuple[str, int] | None:
+    """The (host, port) a Ray address connects to: ``HOST:PORT`` (the GCS) or
+    ``ray://HOST[:PORT]`` (Ray Client, default port 10001); None for ``auto`` and others."""
+    client = address.startswith("ray://")
+    rest = address[len("ray://"):] if client else address
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep:
+        host, port = rest.rstrip("/"), ("10001" if client else "")
+    if not host or not port.isdigit() or "/" in host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_cluster_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ClusterError unless something accepts connections at ``address``."""
+    import socket
+
+    endpoint = cluster_endpoint(address)
+    if endpoint is None:
+        return
+    try:
+        socket.create_connection(endpoint, timeout=timeout).close()
+    except OSError as err:
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address} ({err.strerror or type(err).__name__}); "
+            "check --address / RAY_ADDRESS (HOST:6379 of the head, or ray://HOST:10001) and "
+            "that the cluster is up; without an address a local Ray is started") from None
 
 
 def node_capacities() -> list[dict[str, float]]:
@@ -278,21 +316,29 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
     """Run (or resume) every unfinished trial of ``job`` as Ray Tune trials; returns the job
     record (as JSON, with ``job_dir`` and ``report``). ``code_paths``: folders of the job's
     own code, put on every trial worker's import path."""
-    from .methods import planned_epochs
-
     run = JobRun(job, storage, track, echo)
     startup_s = init_ray(address, dashboard)
     if check_resources:
         check_resources_fit(run.trials, node_capacities())
     run.open(ray_address=address, note=f"; Ray started in {startup_s:.1f}s")
-    # Longest first: the serial IMP chain starts at once instead of after the short trials.
-    pending = sorted(run.unfinished(), key=planned_epochs, reverse=True)
-    failed = []
-    if pending:
-        results = _tuner(run, pending, echo, code_paths).fit()
-        failed = [r.config["trial"]["trial_id"] for r in results if r.error is not None]
-    outcome = run.close("FAILED" if failed else "FINISHED", failed, startup_s)
+    try:
+        failed = _run_trials(run, echo, code_paths)
+        outcome = run.close("FAILED" if failed else "FINISHED", failed, startup_s)
+    finally:
+        run.release()
     if failed:
         raise ClusterError(f"{len(failed)} trial(s) failed after retries: {', '.join(failed)}; "
                            f"see {run.root / 'ray'}; re-run the same command to resume")
     return outcome
+
+
+def _run_trials(run: JobRun, echo, code_paths: tuple[str, ...]) -> list[str]:
+    """Every unfinished trial of ``run`` as a Tune trial, longest first (the serial IMP chain
+    starts at once instead of after the short trials); returns the ids of failed trials."""
+    from .methods import planned_epochs
+
+    pending = sorted(run.unfinished(), key=planned_epochs, reverse=True)
+    if not pending:
+        return []
+    results = _tuner(run, pending, echo, code_paths).fit()
+    return [r.config["trial"]["trial_id"] for r in results if r.error is not None]

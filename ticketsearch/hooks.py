@@ -109,6 +109,14 @@ class Hooks:
         """Epochs this trial had reported before the current attempt (for recompute counts)."""
         return 0
 
+    def attempt_started(self, start: float) -> None:
+        """An attempt of the trial began at unix time ``start``."""
+
+    def attempt_windows(self) -> list[list[float]]:
+        """``[start, last seen alive]`` of every earlier attempt this trial recorded, including
+        the work after its last checkpoint (which the checkpoint's ledger does not know)."""
+        return []
+
 
 @dataclass
 class TrialResult:

@@ -6,13 +6,17 @@ The executors â€” ``local.py`` (in this process) and ``cluster.py`` (Ray Tune) â
 *where* trials run::
 
     run = JobRun(spec, storage, track, echo)     # tracking store checked; nothing written
-    run.open()                                   # job dir, spec.yaml, MLflow runs
-    for trial in run.unfinished():
-        run_one_trial(trial, run.root, run.tracker)   # here, or inside a Ray trial
-    outcome = run.close()                        # summary.json, parent run closed, report
+    run.open()                                   # job dir locked, spec.yaml, MLflow runs
+    try:
+        for trial in run.unfinished():
+            run_one_trial(trial, run.root, run.tracker)   # here, or inside a Ray trial
+        outcome = run.close()                    # summary.json, parent run closed, report
+    finally:
+        run.release()                            # the job directory's lock
 
 A job directory is named ``<name>-<spec hash>``: the same spec again is the same job, whose
 finished trials are not trained again and whose unfinished ones resume from their checkpoints.
+One process at a time runs a job: ``open`` takes the directory's lock (``jobdir.JobLock``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 from .analysis import makespan, orchestration_costs
 from .hooks import EpochEvent, RoundEvent
-from .jobdir import TrialDirHooks, job_dir, read_result, write_text_atomic
+from .jobdir import JobLock, TrialDirHooks, job_dir, read_result, write_text_atomic
 from .records import JobRecord, TrialRecord, record_json
 from .spec import JobSpec, TrialSpec, dump_job
 
@@ -49,6 +53,9 @@ class NullTracker:
 
     def close(self, job_dir: Path, status: str) -> None:
         pass
+
+    def unsent(self, job_dir: Path, trials) -> list[str]:
+        return []
 
     def describe(self) -> dict[str, str] | None:
         return None
@@ -82,19 +89,31 @@ class JobRun:
         preflight(spec, echo)
         self.tracker = make_tracker(spec, storage, track)
         self.root = job_dir(storage or spec.storage.path, spec.name, spec.spec_hash())
+        self.lock = JobLock(self.root)
+        self.lock.check_free("run it")  # before Ray starts or anything is written
         self.started = time.time()
 
     def open(self, ray_address: str | None = None, note: str = "") -> None:
-        """Create the job directory (with ``spec.yaml``) and start tracking."""
-        (self.root / "trials").mkdir(parents=True, exist_ok=True)
-        spec_path = self.root / "spec.yaml"
-        if not spec_path.exists():
-            spec_path.write_text(dump_job(self.spec))
-        line = self.tracker.start(self.spec, self.root, self.trials, ray_address)
+        """Lock the job directory (JobLockedError if another process runs the job), create
+        it (with ``spec.yaml``) and start tracking."""
+        self.lock.acquire()
+        try:
+            (self.root / "trials").mkdir(parents=True, exist_ok=True)
+            spec_path = self.root / "spec.yaml"
+            if not spec_path.exists():
+                spec_path.write_text(dump_job(self.spec))
+            line = self.tracker.start(self.spec, self.root, self.trials, ray_address)
+        except BaseException:
+            self.release()
+            raise
         if line:
             self.echo(line)
         self.echo(f"job {self.spec.name} ({self.spec.spec_hash()}) -> {self.root}{note}")
         self.started = time.time()
+
+    def release(self) -> None:
+        """Give up the job directory's lock (call once the job ended, however it ended)."""
+        self.lock.release()
 
     def trial_dir(self, trial: TrialSpec) -> Path:
         return self.root / "trials" / trial.trial_id
@@ -109,8 +128,9 @@ class JobRun:
     def close(self, status: str = "FINISHED", failed: Sequence[str] = (),
               ray_startup_s: float | None = None) -> dict[str, Any]:
         """Write ``summary.json``, close the parent run, write the report (unless trials
-        failed). Returns the job record as JSON with ``job_dir`` and ``report`` added. A
-        tracking or report failure here loses nothing: the results are on disk."""
+        failed). Returns the job record as JSON with ``report`` and ``unsent`` added: the
+        trials (and ``"parent run"``) whose tracking data still waits for ``ticketsearch
+        sync``. A tracking or report failure here loses nothing: the results are on disk."""
         trials = self.finished()
         driver_wall_s = time.time() - self.started
         record = JobRecord(
@@ -120,13 +140,17 @@ class JobRun:
             orchestration_costs(trials, driver_wall_s, ray_startup_s),
             failed_trials=list(failed), tracking=self.tracker.describe(), trials=trials)
         write_text_atomic(self.root / "summary.json", record_json(record))
+        report = None if failed else make_report(self.root, self.echo)
+        unsent = self.tracker.unsent(self.root, self.trials)
         try:
             self.tracker.close(self.root, status)
-        except Exception as err:
-            self.echo(f"could not close the parent run ({type(err).__name__}); "
-                      f"run `ticketsearch sync {self.root}` once the tracking server is back")
-        report = None if failed else make_report(self.root, self.echo)
-        return record.model_dump(mode="json") | {"report": report}
+        except Exception:
+            unsent.append("parent run")
+        if unsent:
+            self.echo(f"the tracking server did not receive everything ({', '.join(unsent)}); "
+                      f"nothing is lost: it waits in the job directory. Once the server is "
+                      f"back, send it with `ticketsearch sync {self.root}`")
+        return record.model_dump(mode="json") | {"report": report, "unsent": unsent}
 
 
 def run_one_trial(trial: TrialSpec, root: Path, tracker, data=None,
@@ -163,8 +187,8 @@ def make_report(root: Path, echo: Echo) -> dict[str, Any] | None:
     try:
         log_report(root, root / "report")
     except Exception as err:
-        echo(f"could not attach the report to the parent run ({type(err).__name__}); run "
-             f"`ticketsearch report {root}` once the tracking server is back")
+        echo(f"could not attach the report to the parent run ({type(err).__name__}); "
+             f"`ticketsearch sync {root}` attaches it once the tracking server is back")
     return report
 
 

@@ -5,6 +5,7 @@ Layout (one folder per job submission, named ``<job name>-<spec hash>``)::
     <storage>/<job>-<hash>/
         spec.yaml                 the normalised job spec
         summary.json              the job record (records.JobRecord), written at its end
+        driver.lock               held by the one process running the job (see ``JobLock``)
         mlflow.json               the job's MLflow run ids (when tracked)
         trials/<trial_id>/
             checkpoint.pt         latest resumable state (atomic replace)
@@ -20,6 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,131 @@ import torch
 from .hooks import CheckpointError, EpochEvent, Hooks, RoundEvent, TrialResult
 from .records import TrialRecord, read_record, record_json
 from .tickets import Ticket
+
+LOCK_FILE = "driver.lock"
+HEARTBEAT_S = 10.0  # a holder refreshes its lock this often
+STALE_AFTER_S = 60.0  # a lock not refreshed for this long is abandoned (holder on another host)
+
+
+class JobLockedError(RuntimeError):
+    """The job directory is held by another live process running the same job."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (tells a reused pid apart), None if it
+    does not exist (or there is no procfs)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    """True while process ``pid`` (started at ``start``, when known) runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+class JobLock:
+    """An exclusive claim on a job directory for the life of one driver.
+
+    ``acquire`` creates ``driver.lock`` (pid, host, start time, command) atomically; a thread
+    refreshes its time every ``HEARTBEAT_S``. A lock left by a killed holder is taken over: on
+    the same host when its process is gone, from any host when it has not been refreshed for
+    ``STALE_AFTER_S``. Anything else raises JobLockedError naming the holder."""
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / LOCK_FILE
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def holder(self) -> dict[str, Any] | None:
+        """The live holder's record, or None when the lock is free or abandoned."""
+        try:
+            info = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except (OSError, ValueError):
+            return None
+        if info.get("host") == socket.gethostname():
+            return info if _alive(int(info.get("pid", -1)), info.get("start")) else None
+        return info if age < STALE_AFTER_S else None
+
+    def check_free(self, doing: str) -> None:
+        """Raise JobLockedError if a live process holds the job (``doing``: what the caller
+        was about to do, for the message)."""
+        info = self.holder()
+        if info is not None and info.get("pid") != os.getpid():
+            raise JobLockedError(
+                f"{self.path.parent} is being run by another process (pid {info.get('pid')} on "
+                f"{info.get('host')}, since {time.ctime(info.get('started', 0))}: "
+                f"{info.get('command', '?')}); cannot {doing} while it runs. Wait for it to "
+                f"end, or stop it; a killed run's lock is taken over automatically")
+
+    def acquire(self) -> None:
+        """Claim the job directory (see the class docstring); idempotent in one process."""
+        if self._thread is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            self.check_free("run it")
+            if self._create() or self._held_here():
+                break
+            self._drop_abandoned()
+        else:
+            self.check_free("run it")
+            raise JobLockedError(f"{self.path}: could not take the job's lock; try again")
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="job-lock")
+        self._thread.start()
+
+    def _create(self) -> bool:
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "start": _process_start(os.getpid()), "started": time.time(),
+                  "command": " ".join(sys.argv)[:300]}
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        return True
+
+    def _held_here(self) -> bool:
+        """True when this process already holds the lock (one process, one driver)."""
+        info = self.holder()
+        return info is not None and info.get("pid") == os.getpid()
+
+    def _drop_abandoned(self) -> None:
+        """Move an abandoned lock aside (atomically: one contender wins)."""
+        if self.holder() is None:
+            try:
+                os.replace(self.path, self.path.with_name(f"{LOCK_FILE}.abandoned"))
+            except FileNotFoundError:
+                pass
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        """Give the job directory up (nothing if this process does not hold it)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 def job_dir(storage: str | Path, job_name: str, spec_hash: str) -> Path:
@@ -60,10 +190,17 @@ class TrialDirHooks(Hooks):
         self.checkpoint_path = self.dir / "checkpoint.pt"
         self.progress = progress
         self._reported = 0
+        self._windows: list[list[float]] = []
 
     def _append(self, kind: str, payload: dict) -> None:
         with self.events_path.open("a") as f:
-            f.write(json.dumps({"kind": kind, **payload}) + "\n")
+            f.write(json.dumps({"kind": kind, **payload, "t": time.time()}) + "\n")
+
+    def attempt_started(self, start: float) -> None:
+        self._append("attempt", {"start": start})
+
+    def attempt_windows(self) -> list[list[float]]:
+        return [list(w) for w in self._windows]
 
     def epoch_end(self, event: EpochEvent) -> None:
         self._append("epoch", asdict(event))
@@ -90,6 +227,7 @@ class TrialDirHooks(Hooks):
         """The last checkpoint, or None. Events logged after it are dropped (they will be
         logged again when the lost epochs are retrained); their count is remembered."""
         if not self.checkpoint_path.exists():
+            self._windows = _attempt_windows(self._event_lines())
             self.events_path.unlink(missing_ok=True)
             return None
         try:
@@ -103,22 +241,34 @@ class TrialDirHooks(Hooks):
         self._truncate_events(state)
         return state
 
-    def _truncate_events(self, state: dict[str, Any]) -> None:
-        """Keep only the events the checkpoint already accounts for."""
+    def _event_lines(self) -> list[dict[str, Any]]:
+        """Every complete line of ``events.jsonl`` (a line cut short by a crash is left out)."""
         if not self.events_path.exists():
-            return
+            return []
+        lines = []
+        for line in self.events_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return lines
+
+    def _truncate_events(self, state: dict[str, Any]) -> None:
+        """Keep only the events the checkpoint already accounts for (and every attempt's
+        start); remember how many epochs were reported and when each attempt was alive."""
+        events = self._event_lines()
+        self._windows = _attempt_windows(events)
         limits = {"epoch": len(state["ledger"]["entries"]), "round": len(state["rounds"]),
                   "ticket": len(state["tickets"])}
         counts = dict.fromkeys(limits, 0)
         kept = []
-        for line in self.events_path.read_text().splitlines():
-            try:
-                kind = json.loads(line)["kind"]
-            except (json.JSONDecodeError, KeyError):  # a line cut short by a crash
-                continue
-            counts[kind] += 1
-            if counts[kind] <= limits[kind]:
-                kept.append(line)
+        for event in events:
+            kind = event.get("kind")
+            if kind in limits:
+                counts[kind] += 1
+                if counts[kind] > limits[kind]:
+                    continue
+            kept.append(json.dumps(event))
         self._reported = counts["epoch"]
         self.events_path.write_text("".join(line + "\n" for line in kept))
 
@@ -137,6 +287,17 @@ class TrialDirHooks(Hooks):
         write_text_atomic(self.dir / "result.json", record_json(record))
         self.checkpoint_path.unlink(missing_ok=True)
         return record
+
+
+def _attempt_windows(events: list[dict[str, Any]]) -> list[list[float]]:
+    """``[start, last event time]`` of each attempt logged in ``events``."""
+    windows: list[list[float]] = []
+    for event in events:
+        if event.get("kind") == "attempt":
+            windows.append([event["start"], event["start"]])
+        elif windows and "t" in event:
+            windows[-1][1] = max(windows[-1][1], event["t"])
+    return windows
 
 
 def read_result(trial_dir: Path) -> TrialRecord | None:

@@ -22,6 +22,15 @@ def run_job_locally(job: JobSpec, storage: str | Path | None = None,
     store is checked before anything is written."""
     run = JobRun(job, storage, track, echo)
     run.open()
+    try:
+        _run_trials(run, echo)
+        return run.close()
+    finally:
+        run.release()
+
+
+def _run_trials(run: JobRun, echo: Callable[[str], None]) -> None:
+    """Every unfinished trial of ``run``, one after another."""
     datasets: dict[str, Any] = {}
     for trial in run.trials:
         if read_result(run.trial_dir(trial)) is not None:
@@ -35,7 +44,6 @@ def run_job_locally(job: JobSpec, storage: str | Path | None = None,
                  f"{run.trial_dir(trial)}, send them later with `ticketsearch sync {run.root}`")
         echo(f"{trial.name}: finished in {record.ledger.wall_clock_s:.1f}s, "
              f"{record.ledger.epochs['total']} epochs, {len(record.tickets)} tickets")
-    return run.close()
 
 
 def _dataset(cache: dict[str, Any], trial):

@@ -9,9 +9,11 @@ job continues the same runs. The tracker is a small picklable value: it travels 
 trials, which log through ``MlflowHooks`` with an ``MlflowClient`` bound to a run id — no
 global "active run" state, safe in threads and processes.
 
-Nothing logged is lost: a call that fails (tracking server down) is written to the trial's
-``mlflow_pending.jsonl`` journal and replayed, in order, once the server answers again — on
-a later event, at the end of the trial, or by ``ticketsearch sync JOB_DIR``.
+Nothing logged is lost and nothing is logged twice: every operation is first written to the
+trial's ``mlflow_pending.jsonl`` journal, then sent, then dropped from it; what the server does
+not take (it is down) is sent in order once it answers again — on a later event, at the end of
+the trial, or by ``ticketsearch sync JOB_DIR``. A resumed trial skips the epochs, rounds and
+tickets it had already handed over (``mlflow_sent.json``), so MLflow sees every step once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .tickets import Ticket
 
 STATE_FILE = "mlflow.json"
 PENDING_FILE = "mlflow_pending.jsonl"
+SENT_FILE = "mlflow_sent.json"
 RETRY_INTERVAL_S = 5.0
 FLUSH_EVERY_S = 5.0  # epoch metrics are sent in batches at most this old
 BATCH_LIMIT = 1000  # MLflow's limit of metrics per log_batch
@@ -59,8 +62,13 @@ def tracking_uri_for(job, storage: str | Path | None = None) -> str:
     if explicit:
         return explicit
     root = Path(storage or job.storage.path).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _make_store_folder(uri: str) -> None:
+    """Create the folder of a local SQLite store (a server's store is the server's)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
 def artifact_root_for(uri: str) -> str | None:
@@ -166,6 +174,10 @@ class JobTracking:
     def close(self, job_dir: Path, status: str) -> None:
         finish_job_tracking(self, job_dir, status)
 
+    def unsent(self, job_dir: Path, trials) -> list[str]:
+        """The trials whose journal still holds operations the server has not taken."""
+        return [t.trial_id for t in trials if _has_pending(Path(job_dir) / "trials" / t.trial_id)]
+
     def describe(self) -> dict[str, str]:
         return {"uri": self.uri, "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id}
@@ -233,6 +245,7 @@ def setup_job_tracking(job, job_dir: Path, uri: str, trials, ray_address: str | 
                        ) -> JobTracking:
     """Create (or find again, for a resumed job) the experiment, parent and child runs."""
     check_reachable(uri)
+    _make_store_folder(uri)
     client = client_for(uri)
     tracking = JobTracking.load(job_dir)
     if tracking is None or tracking.uri != uri:
@@ -255,39 +268,60 @@ def log_report(job_dir: Path, report_dir: Path) -> None:
         client_for(tracking.uri).log_artifacts(tracking.parent_run_id, str(report_dir), "report")
 
 
-def finish_job_tracking(tracking: JobTracking, job_dir: Path, status: str = "FINISHED") -> None:
-    """Attach the job summary to the parent run and close it."""
+def finish_job_tracking(tracking: JobTracking, job_dir: Path, status: str = "FINISHED",
+                        report: bool = False) -> None:
+    """Attach the job summary (and, with ``report``, the report folder) to the parent run and
+    close it with ``status``."""
     client = client_for(tracking.uri)
     summary = job_dir / "summary.json"
     if summary.exists():
         client.log_artifact(tracking.parent_run_id, str(summary))
+    if report and (job_dir / "report").is_dir():
+        client.log_artifacts(tracking.parent_run_id, str(job_dir / "report"), "report")
     client.set_terminated(tracking.parent_run_id, status=status)
+
+
+def _has_pending(trial_dir: Path) -> bool:
+    journal = trial_dir / PENDING_FILE
+    return journal.exists() and journal.stat().st_size > 0
 
 
 # --- per-trial logging with a journal ---------------------------------------------------------
 
 
 class RunLogger:
-    """Sends operations to one MLflow run; journals what could not be sent and replays it."""
+    """Sends operations to one MLflow run in order, through a journal (see the module
+    docstring): ``submit`` appends an operation to the journal, then sends what it holds.
+
+    An operation may carry a ``mark`` — ``{"step": N}`` (epoch metrics up to step N) or
+    ``{"key": K}`` (a round's or a ticket's metrics) — and ``marks`` holds every mark handed
+    over so far (kept in ``mlflow_sent.json`` and in the journal), so a resumed trial can skip
+    what it logged before. Sending an operation again is harmless: metrics keep their
+    original timestamps (MLflow's store ignores an exact duplicate); tags, status and
+    artifacts overwrite."""
 
     def __init__(self, uri: str, run_id: str, journal: Path):
         self.uri = uri
         self.run_id = run_id
         self.journal = Path(journal)
+        self.sent_path = self.journal.with_name(SENT_FILE)
         self.client = client_for(uri)
         self._next_retry = 0.0
+        self.marks = self._load_marks()
 
     def submit(self, op: dict[str, Any]) -> None:
-        """Send ``op`` now if nothing is waiting, else queue it behind what is waiting."""
-        if self.journal.exists():
-            self._append(op)
-            self.replay()
-            return
-        try:
-            self._apply(op)
-        except Exception:
-            self._append(op)
-            self._next_retry = time.monotonic() + RETRY_INTERVAL_S
+        """Journal ``op`` and send everything waiting (at most every RETRY_INTERVAL_S while
+        the server does not answer)."""
+        self._append(op)
+        if op.get("mark"):
+            self._remember(op["mark"])
+        self.replay()
+
+    def already_sent(self, mark: dict[str, Any]) -> bool:
+        """True if an operation with ``mark`` (or, for a step, a later one) was handed over."""
+        if "step" in mark:
+            return mark["step"] <= self.marks["step"]
+        return mark["key"] in self.marks["keys"]
 
     def replay(self, force: bool = False) -> bool:
         """Try to send the journal in order; True when nothing is left waiting."""
@@ -298,13 +332,51 @@ class RunLogger:
         lines = [line for line in self.journal.read_text().splitlines() if line.strip()]
         for index, line in enumerate(lines):
             try:
-                self._apply(json.loads(line))
+                op = json.loads(line)
+            except json.JSONDecodeError:  # cut short by a crash while being written
+                continue
+            try:
+                self._apply(op)
             except Exception:
                 self._rewrite(lines[index:])
                 self._next_retry = time.monotonic() + RETRY_INTERVAL_S
                 return False
         self.journal.unlink(missing_ok=True)
         return True
+
+    def _load_marks(self) -> dict[str, Any]:
+        marks = {"step": -1, "keys": set()}
+        if self.sent_path.exists():
+            saved = json.loads(self.sent_path.read_text())
+            marks = {"step": saved["step"], "keys": set(saved["keys"])}
+        for op in self._journal_ops():
+            self._merge(marks, op.get("mark"))
+        return marks
+
+    def _journal_ops(self) -> list[dict[str, Any]]:
+        if not self.journal.exists():
+            return []
+        ops = []
+        for line in self.journal.read_text().splitlines():
+            try:
+                ops.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash: never sent
+                continue
+        return ops
+
+    @staticmethod
+    def _merge(marks: dict[str, Any], mark: dict[str, Any] | None) -> None:
+        if mark and "step" in mark:
+            marks["step"] = max(marks["step"], mark["step"])
+        elif mark:
+            marks["keys"].add(mark["key"])
+
+    def _remember(self, mark: dict[str, Any]) -> None:
+        from .jobdir import write_json_atomic
+
+        self._merge(self.marks, mark)
+        write_json_atomic(self.sent_path, {"step": self.marks["step"],
+                                           "keys": sorted(self.marks["keys"])})
 
     def _append(self, op: dict[str, Any]) -> None:
         with self.journal.open("a") as f:
@@ -334,6 +406,9 @@ class RunLogger:
             self.client.update_run(self.run_id, status=op["status"])
         elif kind == "terminate":
             self.client.set_terminated(self.run_id, status=op["status"])
+        elif kind == "batch":
+            for item in op["ops"]:
+                self._apply(item)
         else:
             raise ValueError(f"unknown journal operation {kind!r}")
 
@@ -352,8 +427,8 @@ class MlflowHooks(Hooks):
     directory hooks, which own checkpoints and ticket files).
 
     Epoch metrics are batched (sent every ``FLUSH_EVERY_S`` seconds) and always flushed before
-    a checkpoint is written, so whatever a checkpoint accounts for has reached MLflow or the
-    journal; epochs after it are retrained and logged again after a crash.
+    a checkpoint is written. Epochs, rounds and tickets that a resumed trial trains again
+    after a crash are not sent again when an earlier attempt had handed them over.
     """
 
     def __init__(self, inner, uri: str, run_id: str):
@@ -366,12 +441,15 @@ class MlflowHooks(Hooks):
     def flush(self) -> None:
         """Send the buffered epoch metrics as one operation."""
         if self.buffer:
-            self.logger.submit({"op": "metrics", "items": self.buffer})
+            self.logger.submit({"op": "metrics", "items": self.buffer,
+                                "mark": {"step": self.buffer[-1]["step"]}})
             self.buffer = []
         self.last_flush = time.monotonic()
 
     def epoch_end(self, event: EpochEvent) -> None:
         self.inner.epoch_end(event)
+        if self.logger.already_sent({"step": event.step}):
+            return
         values = event.metrics() | {"epoch_seconds": event.seconds, "epoch": event.epoch}
         values.pop("seconds", None)
         self.buffer.append(metrics_item(values, event.step))
@@ -382,16 +460,22 @@ class MlflowHooks(Hooks):
         self.inner.round_end(event)
         self.flush()
         prefix = "retrain" if event.phase == "retrain" else "round"
+        mark = {"key": f"{prefix}:{event.round}:{event.recipe or ''}"}
+        if self.logger.already_sent(mark):
+            return
         values = {f"{prefix}_sparsity": event.sparsity}
         if event.val_acc is not None:
             values[f"{prefix}_val_acc"] = event.val_acc
         if event.test_acc is not None:
             values[f"{prefix}_test_acc"] = event.test_acc
-        self.logger.submit(metrics_op(values, event.round))
+        self.logger.submit(metrics_op(values, event.round) | {"mark": mark})
 
     def ticket_found(self, ticket: Ticket) -> None:
         self.inner.ticket_found(ticket)
         self.flush()
+        mark = {"key": f"ticket:{ticket.name}"}
+        if self.logger.already_sent(mark):
+            return
         local = Path(self.inner.dir) / "tickets" / ticket.name
         layers = write_layer_report(ticket, Path(self.inner.dir) / "ticket_layers")
         step = int(ticket.meta.get("round") or 0)
@@ -401,14 +485,12 @@ class MlflowHooks(Hooks):
         for key in ("val_acc", "test_acc"):
             if ticket.meta.get(key) is not None:
                 values[f"ticket_{key}"] = ticket.meta[key]
-        self.logger.submit({"op": "artifacts", "local": str(local),
-                            "artifact_path": f"tickets/{ticket.name}"})
-        for path in layers:
-            self.logger.submit({"op": "artifact", "local": str(path),
-                                "artifact_path": "ticket_layers"})
-        self.logger.submit(metrics_op(values, step))
-        self.logger.submit({"op": "tags", "tags": {"has_ticket": "true",
-                                                   f"ticket_name.{step}": ticket.name}})
+        ops = [{"op": "artifacts", "local": str(local), "artifact_path": f"tickets/{ticket.name}"}]
+        ops += [{"op": "artifact", "local": str(path), "artifact_path": "ticket_layers"}
+                for path in layers]
+        ops += [metrics_op(values, step),
+                {"op": "tags", "tags": {"has_ticket": "true", f"ticket_name.{step}": ticket.name}}]
+        self.logger.submit({"op": "batch", "ops": ops, "mark": mark})
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         self.flush()
@@ -420,6 +502,12 @@ class MlflowHooks(Hooks):
 
     def epochs_reported(self) -> int:
         return self.inner.epochs_reported()
+
+    def attempt_started(self, start: float) -> None:
+        self.inner.attempt_started(start)
+
+    def attempt_windows(self) -> list[list[float]]:
+        return self.inner.attempt_windows()
 
     def finish(self, result: TrialResult, status: str = "FINISHED") -> bool:
         """Log the trial's totals and close its run; True when everything reached MLflow."""
@@ -467,17 +555,32 @@ def write_layer_report(ticket: Ticket, folder: Path) -> list[Path]:
 
 
 def sync_job_dir(job_dir: Path) -> dict[str, bool]:
-    """Replay every trial's pending journal of a job directory; per trial: all sent?"""
+    """Send every trial's pending journal of a job directory, then — once the job has ended
+    (``summary.json``) and nothing is left waiting — attach its summary and report to the
+    parent run and close it with the job's status. Returns, per trial with a journal and for
+    ``"parent run"``: was everything sent? Refused while another process runs the job."""
+    from .jobdir import JobLock
+    from .records import JobRecord, read_record
+
+    job_dir = Path(job_dir)
     tracking = JobTracking.load(job_dir)
     if tracking is None:
         raise TrackingError(f"{job_dir}: no {STATE_FILE} here; is this a job directory of a "
                             "tracked job?")
+    JobLock(job_dir).check_free("sync it")
     check_reachable(tracking.uri)
     outcome = {}
     for trial_id, run_id in tracking.trial_runs.items():
-        journal = Path(job_dir) / "trials" / trial_id / PENDING_FILE
+        journal = job_dir / "trials" / trial_id / PENDING_FILE
         if journal.exists():
             outcome[trial_id] = RunLogger(tracking.uri, run_id, journal).replay(force=True)
+    record = read_record(job_dir / "summary.json", JobRecord)
+    if record is not None and all(outcome.values()):
+        try:
+            finish_job_tracking(tracking, job_dir, record.status, report=True)
+            outcome["parent run"] = True
+        except Exception:
+            outcome["parent run"] = False
     return outcome
 
 

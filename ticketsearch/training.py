@@ -178,6 +178,19 @@ class EpochLedger:
         if self.attempts:
             self.attempts[-1][1] = time.time()
 
+    def merge_attempts(self, windows: list[list[float]]) -> None:
+        """Take in attempt windows seen elsewhere (a trial's event log): a window of a known
+        attempt (same start) extends it, an unknown one is added (a killed attempt's time
+        after its last checkpoint is work lost, and still time spent)."""
+        known = {round(a[0], 6): a for a in self.attempts}
+        for start, end in windows:
+            attempt = known.get(round(start, 6))
+            if attempt is None:
+                self.attempts.append([start, end])
+            else:
+                attempt[1] = max(attempt[1], end)
+        self.attempts.sort(key=lambda a: a[0])
+
     def epochs(self, phase: str | None = None, round: int | None = None) -> int:
         """Epochs trained, optionally only those of ``phase`` and of ``round``."""
         return sum(1 for e in self.entries if (phase is None or e.phase == phase)

@@ -96,7 +96,9 @@ class TrialRun:
             self.restore(state)
             reported = self.hooks.epochs_reported()
             self.ledger.recomputed_epochs += max(0, reported - self.ledger.epochs())
+        self.ledger.merge_attempts(self.hooks.attempt_windows())
         self.ledger.start_attempt()
+        self.hooks.attempt_started(self.ledger.attempts[-1][0])
 
     # --- building blocks for runners ------------------------------------------------------
     def new_model(self, activation: str = "relu") -> nn.Module:

@@ -1,0 +1,112 @@
+"""The job lifecycle through real `ticketsearch` processes: one process per job directory,
+a killed run's lock taken over, an unreachable cluster refused fast."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import read_events, tiny_job_dict
+
+from ticketsearch.spec import parse_job
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ticketsearch.cli", *args]
+
+
+@pytest.fixture
+def slow_job(tmp_path):
+    """A job that trains for several seconds in-process: (spec path, storage, job dir)."""
+    data = tiny_job_dict(cs={"rounds": 3})
+    data["model"]["mlp_hidden"] = [300, 100]
+    data["train"].update(epochs_per_round=40, lr_milestones=[30], checkpoint_every=5)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(data))
+    job = parse_job(data)
+    storage = tmp_path / "runs"
+    return spec, storage, storage / f"{job.name}-{job.spec_hash()}"
+
+
+def _start(spec: Path, storage: Path) -> subprocess.Popen:
+    return subprocess.Popen(_cli("run", str(spec), "--storage", str(storage), "--in-process",
+                                 "--no-tracking"), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_epochs(root: Path, epochs: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (root / "driver.lock").exists() and sum(
+                len(read_events(d)) for d in root.glob("trials/*")) >= epochs:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{root}: the job did not start training in {timeout}s")
+
+
+def test_a_second_run_of_a_running_job_is_refused_and_nothing_trains_twice(slow_job):
+    spec, storage, root = slow_job
+    first = _start(spec, storage)
+    try:
+        _wait_for_epochs(root, 3)
+        second = subprocess.run(_cli("run", str(spec), "--storage", str(storage),
+                                     "--in-process", "--no-tracking"),
+                                env=_env(), capture_output=True, text=True, timeout=120)
+        resume = subprocess.run(_cli("resume", root.name, "--storage", str(storage),
+                                     "--no-tracking"),
+                                env=_env(), capture_output=True, text=True, timeout=120)
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    for refused in (second, resume):
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"pid {first.pid}" in refused.stderr and "Traceback" not in refused.stderr
+    assert first.returncode == 0, err[-2000:]
+    (trial_dir,) = root.glob("trials/*")
+    steps = [e["step"] for e in read_events(trial_dir)]
+    assert steps == list(range(len(steps))) and len(steps) == 160  # each epoch once
+    assert not (root / "driver.lock").exists()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(slow_job):
+    spec, storage, root = slow_job
+    first = _start(spec, storage)
+    _wait_for_epochs(root, 12)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert (root / "driver.lock").exists()
+    again = subprocess.run(_cli("run", str(spec), "--storage", str(storage), "--in-process",
+                                "--no-tracking"),
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    (trial_dir,) = root.glob("trials/*")
+    assert [e["step"] for e in read_events(trial_dir)] == list(range(160))
+
+
+def test_an_unreachable_cluster_is_refused_fast_and_nothing_is_written(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(tiny_job_dict()))
+    storage = tmp_path / "runs"
+    started = time.monotonic()
+    result = subprocess.run(_cli("run", str(spec), "--storage", str(storage), "--address",
+                                 "127.0.0.1:1"), env=_env(), capture_output=True, text=True,
+                            timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "127.0.0.1:1" in result.stderr and "Traceback" not in result.stderr
+    assert elapsed < 30
+    assert not storage.exists()
