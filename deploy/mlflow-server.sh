@@ -9,7 +9,9 @@
 #                                 sqlite:////absolute/path.db for a one-machine trial (required)
 #   MLFLOW_ARTIFACTS_DESTINATION  where artifacts (tickets) go, proxied through the server:
 #                                 s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or a path (required)
-#   MLFLOW_HOST, MLFLOW_PORT      where the server listens (0.0.0.0, 5000)
+#   MLFLOW_HOST, MLFLOW_PORT      where the server listens (127.0.0.1, 5000): loopback unless
+#                                 told otherwise; on a cluster's head, its private address
+#                                 (what the nodes' MLFLOW_TRACKING_URI names), in a pod 0.0.0.0
 #   MLFLOW_WORKERS                server processes (4)
 #   MLFLOW_AUTH_DATABASE_URI      turns on MLflow's basic auth, with its users in this database;
 #                                 then MLFLOW_AUTH_ADMIN_USERNAME (admin), MLFLOW_AUTH_ADMIN_PASSWORD
@@ -48,9 +50,17 @@ require() {
   export "$1=$value"
 }
 
+# check_host: where /health is asked: the listening address (loopback for "all addresses").
+check_host() {
+  case "${MLFLOW_HOST:-127.0.0.1}" in
+    0.0.0.0 | "::") echo 127.0.0.1 ;;
+    *) echo "${MLFLOW_HOST:-127.0.0.1}" ;;
+  esac
+}
+
 healthy() {
   python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-    "http://127.0.0.1:${PORT}/health" >/dev/null 2>&1
+    "http://$(check_host):${PORT}/health" >/dev/null 2>&1
 }
 
 # write_auth_config: MLflow's basic-auth settings in a private file; its path on stdout.
@@ -90,7 +100,7 @@ start_detached() {
     if ! kill -0 "$pid" 2>/dev/null; then
       start_failed "the server (pid ${pid}) exited" "$log"
     elif ((waited >= timeout * 2)); then
-      start_failed "the server (pid ${pid}) did not answer http://127.0.0.1:${PORT}/health within ${timeout}s" "$log"
+      start_failed "the server (pid ${pid}) did not answer http://$(check_host):${PORT}/health within ${timeout}s" "$log"
     fi
     sleep 0.5
     waited=$((waited + 1))
@@ -114,7 +124,7 @@ main() {
   require MLFLOW_ARTIFACTS_DESTINATION "the bucket the artifacts go to (s3://BUCKET/PREFIX or gs://BUCKET/PREFIX)"
   # MLflow's background job runner serves GenAI features only and slows the start.
   export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
-  local args=(server --host "${MLFLOW_HOST:-0.0.0.0}" --port "$PORT" --workers "${MLFLOW_WORKERS:-4}")
+  local args=(server --host "${MLFLOW_HOST:-127.0.0.1}" --port "$PORT" --workers "${MLFLOW_WORKERS:-4}")
   if [[ -n "$(setting MLFLOW_AUTH_DATABASE_URI)" ]]; then
     require MLFLOW_AUTH_DATABASE_URI "the database of MLflow's users"
     require MLFLOW_AUTH_ADMIN_PASSWORD "the password of the admin user (basic auth is on)"

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_job_dict
 
 import ticketsearch.local
 from ticketsearch.cli import main
@@ -288,6 +289,22 @@ def test_ticket_on_a_missing_directory_is_a_user_error(tmp_path, capsys):
     assert out == ""
     assert err.startswith("error: ")
     assert "no-such-ticket" in err
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file", "unwritable"])
+def test_run_refuses_a_storage_path_it_cannot_use(tmp_path, capsys, where):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(tiny_job_dict(cs={"rounds": 1})))
+    (tmp_path / "file").write_text("not a folder")
+    storage = {"a_file": tmp_path / "file", "under_a_file": tmp_path / "file" / "runs",
+               "unwritable": Path("/sys/kernel/ticketsearch-runs")}[where]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["run", str(spec), "--storage", str(storage), "--in-process"]) == 2
+    err = capsys.readouterr().err
+    assert f"storage.path {storage}" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "file").read_text() == "not a folder"
+    assert where == "a_file" or not storage.exists()
 
 
 def test_run_interrupted_tells_the_user_how_to_resume(tmp_path, capsys, monkeypatch):

@@ -156,7 +156,10 @@ def test_launcher_config_runs_the_image_with_shared_storage_and_token_auth(cloud
     head_options = " ".join(docker["head_run_options"])
     assert "MLFLOW_BACKEND_STORE_URI_FILE=/run/secrets/ticketsearch/" in head_options
     assert re.search(r"MLFLOW_ARTIFACTS_DESTINATION=(s3|gs)://", head_options)
-    assert config["head_setup_commands"] == ["ticketsearch-mlflow-server --detach"]
+    # The server listens on the head's private address (the one MLFLOW_TRACKING_URI names),
+    # not on every interface (the script's own default is loopback).
+    assert config["head_setup_commands"] == [
+        "MLFLOW_HOST=$(hostname -I | awk '{print $1}') ticketsearch-mlflow-server --detach"]
     assert "export MLFLOW_TRACKING_URI=http://$(hostname -I" in config["head_start_ray_commands"][1]
 
 
@@ -348,6 +351,16 @@ def run_script(env: dict[str, str], *args: str, timeout: float = 120.0):
                           text=True, timeout=timeout)
 
 
+def test_mlflow_script_listens_on_loopback_unless_told_otherwise():
+    text = MLFLOW_SCRIPT.read_text()
+    assert '"${MLFLOW_HOST:-127.0.0.1}"' in text and "0.0.0.0}" not in text
+    docs = yaml.safe_load_all((DEPLOY / "kuberay" / "mlflow.yaml").read_text())
+    (deployment,) = [d for d in docs if d and d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLFLOW_HOST"] == "0.0.0.0"  # a pod serves its Service on the pod's address
+
+
 def test_mlflow_script_names_missing_or_empty_settings(tmp_path):
     env = script_env(tmp_path)
     done = run_script(env, "--detach")
@@ -430,6 +443,65 @@ def test_mlflow_script_basic_auth_requires_the_admin_password(tmp_path, detached
     assert requests.get(url, timeout=10, auth=("admin", "wrong")).status_code == 401
     assert requests.get(url, timeout=10, auth=("admin", "s3cret-for-this-test")).status_code == 200
     assert requests.get(f"{server.uri}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.integration
+def test_credentials_in_the_tracking_uri_are_never_printed_or_stored(tmp_path, detached_server,
+                                                                    monkeypatch):
+    """A job whose tracking.uri carries the server's user and password runs through a real
+    local Ray (its workers authenticate) and the password appears nowhere: not in the output,
+    the job directory, Ray's logs, the MLflow params or the artifacts."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic auth needs mlflow[auth] (Flask-WTF)")
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    secret = "s3cret-for-this-test"
+    (tmp_path / "admin-password").write_text(secret + "\n")
+    server = detached_server(
+        tmp_path / "home", MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path}/mlflow.db",
+        MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"),
+        MLFLOW_AUTH_DATABASE_URI=f"sqlite:///{tmp_path}/auth.db",
+        MLFLOW_AUTH_ADMIN_PASSWORD_FILE=str(tmp_path / "admin-password"),
+        MLFLOW_FLASK_SERVER_SECRET_KEY="key-for-this-test")
+    assert server.start().returncode == 0
+    job = {"name": "credentials", "data": {"dataset": "digits"},
+           "model": {"name": "mlp", "mlp_hidden": [32, 16]},
+           "train": {"epochs_per_round": 2, "lr_milestones": [1], "rewind_epoch": 1},
+           "methods": {"cs": {"rounds": 1}, "imp": {"rounds": 1}},
+           "resources": {"cpus": 1},
+           "tracking": {"uri": f"http://admin:{secret}@127.0.0.1:{server.port}"}}
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(job))
+    storage = tmp_path / "runs"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                        "MLFLOW_TRACKING_PASSWORD")}
+    env.update(PYTHONPATH=str(REPO), RAY_TMPDIR=str(ray_tmp))
+    done = subprocess.run([str(VENV_BIN / "python"), "-m", "ticketsearch.cli", "run", str(spec),
+                           "--storage", str(storage)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert secret not in done.stdout + done.stderr
+    assert f"http://127.0.0.1:{server.port}" in done.stdout
+    leaks = [p for root in (storage, ray_tmp) for p in root.rglob("*")
+             if p.is_file() and not p.is_symlink() and p.stat().st_size < 50_000_000
+             and secret.encode() in p.read_bytes()]
+    assert leaks == []
+    assert any(ray_tmp.rglob("*.log")) or any(ray_tmp.rglob("*.out"))  # Ray's logs were read
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+    client = MlflowClient(server.uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "credentials"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        assert secret not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+    parent = next(r for r in runs if r.data.tags.get("ticketsearch.kind") == "job")
+    for name in ("spec.yaml", "summary.json"):
+        local = client.download_artifacts(parent.info.run_id, name, str(tmp_path / "dl"))
+        assert secret not in Path(local).read_text(), name
 
 
 # --------------------------------------------------------------------------- two nodes

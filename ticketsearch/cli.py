@@ -22,7 +22,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .cluster import ClusterError
     from .data import DatasetError
     from .hooks import CheckpointError
-    from .jobdir import JobLockedError
+    from .jobdir import JobLockedError, StorageError
     from .models import ModelError
     from .report import ReportError
     from .sparsity.ticketfile import TicketFormatError
@@ -33,7 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (SpecError, DatasetError, ModelError, TicketFormatError, CheckpointError,
             TrackingError, ClusterError, SubmitError, ReportError, UserCodeError,
-            JobLockedError, FileNotFoundError)
+            JobLockedError, StorageError, FileNotFoundError)
 
 
 def _load_with_code(args):
@@ -41,9 +41,10 @@ def _load_with_code(args):
     the import path: the spec's folder, the current directory, ``code.py_modules``' folders.
     Returns the spec and those folders."""
     from .spec import load_job
+    from .tracking import take_credentials
     from .usercode import add_import_paths, code_paths
 
-    job = load_job(args.job, args.overrides)
+    job = take_credentials(load_job(args.job, args.overrides))
     paths = code_paths(args.job, job.code.py_modules)
     add_import_paths(paths)
     return job, tuple(paths)
@@ -191,11 +192,11 @@ def _store_uri(args) -> str:
 def cmd_ui(args) -> int:
     import subprocess
 
-    from .tracking import artifact_root_for
+    from .tracking import artifact_root_for, redact_uri
 
     uri = _store_uri(args)
     if uri.startswith(("http://", "https://")):
-        print(f"the tracking server is already a UI: open {uri}")
+        print(f"the tracking server is already a UI: open {redact_uri(uri)}")
         return 0
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                "--host", args.host, "--port", str(args.port)]

@@ -119,7 +119,7 @@ def init_ray(address: str | None, dashboard: bool = False) -> float:
     try:
         if address:
             check_cluster_reachable(address)
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env=_credentials_env())
         else:
             ray.init(address="local", include_dashboard=dashboard, log_to_driver=False,
                      _node_ip_address=LOOPBACK,
@@ -128,6 +128,15 @@ def init_ray(address: str | None, dashboard: bool = False) -> float:
         raise ClusterError(f"cannot reach a Ray cluster at {address}: {err}; check the "
                            "address (ray://... or HOST:6379) and that the cluster is up") from None
     return time.perf_counter() - start
+
+
+def _credentials_env() -> dict[str, Any] | None:
+    """The tracking server's credentials (environment only) for the trials of a cluster
+    joined by address, whose workers do not inherit this process's environment."""
+    from .tracking import CREDENTIAL_VARS
+
+    found = {name: os.environ[name] for name in CREDENTIAL_VARS if name in os.environ}
+    return {"env_vars": found} if found else None
 
 
 def cluster_endpoint(address: str) -> tuple[str, int] | None:

@@ -28,7 +28,14 @@ from typing import Any
 
 from .analysis import makespan, orchestration_costs
 from .hooks import EpochEvent, RoundEvent
-from .jobdir import JobLock, TrialDirHooks, job_dir, read_result, write_text_atomic
+from .jobdir import (
+    JobLock,
+    TrialDirHooks,
+    check_storage,
+    job_dir,
+    read_result,
+    write_text_atomic,
+)
 from .records import JobRecord, TrialRecord, record_json
 from .spec import JobSpec, TrialSpec, dump_job
 
@@ -84,11 +91,16 @@ class JobRun:
 
     def __init__(self, spec: JobSpec, storage: str | Path | None = None, track: bool = True,
                  echo: Echo = print):
+        from .tracking import take_credentials
+
+        spec = take_credentials(spec)  # no password in what is stored or printed
         self.spec, self.echo = spec, echo
         self.trials = spec.trials()
         preflight(spec, echo)
+        storage = Path(storage or spec.storage.path).expanduser()
+        check_storage(storage)
         self.tracker = make_tracker(spec, storage, track)
-        self.root = job_dir(storage or spec.storage.path, spec.name, spec.spec_hash())
+        self.root = job_dir(storage, spec.name, spec.spec_hash())
         self.lock = JobLock(self.root)
         self.lock.check_free("run it")  # before Ray starts or anything is written
         self.started = time.time()

@@ -44,6 +44,30 @@ class JobLockedError(RuntimeError):
     """The job directory is held by another live process running the same job."""
 
 
+class StorageError(RuntimeError):
+    """The storage folder cannot hold job directories (a file, or not writable)."""
+
+
+def check_storage(path: Path) -> None:
+    """Raise StorageError unless job directories can be made under ``path``; nothing is left
+    behind (a temporary file in the nearest existing folder tells that it is writable)."""
+    import tempfile
+
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StorageError(f"storage.path {path}: {existing} is a file, not a folder; choose a "
+                           "folder (it is created if missing), with storage.path or --storage")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise StorageError(f"storage.path {path}: cannot write in {existing} "
+                           f"({err.strerror or type(err).__name__}); choose a folder you can "
+                           "write, with storage.path or --storage") from None
+
+
 def _process_start(pid: int) -> str | None:
     """The kernel's start time of process ``pid`` (tells a reused pid apart), None if it
     does not exist (or there is no procfs)."""

@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,53 @@ BATCH_LIMIT = 1000  # MLflow's limit of metrics per log_batch
 PARAM_VALUE_LIMIT = 500
 
 
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be used (unreachable server, bad URI)."""
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` without the ``user:password@`` of its address: what may be printed or stored."""
+    if not uri or "@" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def credentials_to_env(uri: str) -> str:
+    """For ``http(s)://user:password@host``: put user and password into this process's
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (MLflow's own way; processes
+    started from here, such as a local Ray, inherit them) and return the URI without them."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return redact_uri(uri)
+
+
+def take_credentials(job):
+    """``job`` with no credentials in ``tracking.uri``: a server's user and password move to
+    the environment (``credentials_to_env``); a database URI with a password is refused, since
+    the spec is stored with the job (give it as MLFLOW_TRACKING_URI, or put an `mlflow
+    server` in front of the database)."""
+    from .spec import SpecError
+
+    uri = job.tracking.uri
+    if not uri or redact_uri(uri) == uri:
+        return job
+    clean = credentials_to_env(uri)
+    if clean == uri:
+        raise SpecError(f"tracking.uri: {redact_uri(uri)} carries a password, which would be "
+                        "stored with the job (spec.yaml, MLflow params); give this URI in the "
+                        "environment as MLFLOW_TRACKING_URI instead, or run an `mlflow server` "
+                        "in front of the database and use its http:// address")
+    return job.model_copy(update={"tracking": job.tracking.model_copy(update={"uri": clean})})
 
 
 def _quiet_client_env() -> None:
@@ -149,7 +195,7 @@ class JobTracking:
     @classmethod
     def for_job(cls, job, storage: str | Path | None = None) -> JobTracking:
         """The tracker of ``job``'s store, checked to answer; nothing is written yet."""
-        uri = tracking_uri_for(job, storage)
+        uri = credentials_to_env(tracking_uri_for(job, storage))
         check_reachable(uri)
         return cls(uri)
 
@@ -157,8 +203,8 @@ class JobTracking:
         """Create (or find again) the job's runs; returns a line saying where they are."""
         started = setup_job_tracking(job, job_dir, self.uri, trials, ray_address)
         self.__dict__.update(started.__dict__)
-        return (f"tracking: {self.uri} (experiment {job.tracking.experiment or job.name}, "
-                f"parent run {self.parent_run_id})")
+        return (f"tracking: {redact_uri(self.uri)} (experiment "
+                f"{job.tracking.experiment or job.name}, parent run {self.parent_run_id})")
 
     def trial_hooks(self, inner, trial_id: str) -> MlflowHooks:
         return MlflowHooks(inner, self.uri, self.trial_runs[trial_id])
@@ -179,13 +225,14 @@ class JobTracking:
         return [t.trial_id for t in trials if _has_pending(Path(job_dir) / "trials" / t.trial_id)]
 
     def describe(self) -> dict[str, str]:
-        return {"uri": self.uri, "experiment_id": self.experiment_id,
+        return {"uri": redact_uri(self.uri), "experiment_id": self.experiment_id,
                 "parent_run_id": self.parent_run_id}
 
     def save(self, job_dir: Path) -> None:
+        """Write ``mlflow.json`` (the URI without credentials, which stay in memory)."""
         from .jobdir import write_json_atomic
 
-        write_json_atomic(job_dir / STATE_FILE, self.__dict__)
+        write_json_atomic(job_dir / STATE_FILE, self.__dict__ | {"uri": redact_uri(self.uri)})
 
     @classmethod
     def load(cls, job_dir: Path) -> JobTracking | None:
@@ -248,11 +295,12 @@ def setup_job_tracking(job, job_dir: Path, uri: str, trials, ray_address: str | 
     _make_store_folder(uri)
     client = client_for(uri)
     tracking = JobTracking.load(job_dir)
-    if tracking is None or tracking.uri != uri:
+    if tracking is None or tracking.uri != redact_uri(uri):
         experiment_id = _experiment_id(client, job.tracking.experiment or job.name, uri)
         parent = _start_parent(client, experiment_id, job, job_dir, ray_address)
         tracking = JobTracking(uri, experiment_id, parent)
     else:
+        tracking.uri = uri
         client.update_run(tracking.parent_run_id, status="RUNNING")
     for trial in trials:
         if trial.trial_id not in tracking.trial_runs:
