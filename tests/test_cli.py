@@ -337,3 +337,63 @@ def test_bench_overhead_prints_both_ratios(capsys):
     assert float(loop.group(1)) > 0
     header = out.splitlines()[0].split()
     assert "cs/dense" in header and "loop/minimal" in header
+
+
+# --------------------------------------------------------------- checked before anything
+
+
+def _spec_file(tmp_path, **top) -> Path:
+    data = tiny_job_dict(cs={"rounds": 1})
+    for key, value in top.items():
+        data[key] = value if key == "model" else {**data.get(key, {}), **value}
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(data))
+    return spec
+
+
+@pytest.mark.parametrize("case", ["missing_dataset", "val_size", "cuda_here", "cuda_on_ray"])
+def test_run_checks_data_and_devices_before_writing_anything(tmp_path, capsys, monkeypatch,
+                                                            case):
+    """Found before the job directory or any MLflow run exists (and before Ray starts)."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    (tmp_path / "empty").mkdir()
+    top, flags, message = {
+        "missing_dataset": ({"data": {"dataset": "cifar10", "root": str(tmp_path / "empty")},
+                             "model": {"name": "resnet20"}}, [], "cifar-10-batches-py"),
+        "val_size": ({"data": {"val_size": 5000}}, [], "data.val_size=5000"),
+        "cuda_here": ({"train": {"device": "cuda"}}, ["--in-process"], "train.device: cuda"),
+        "cuda_on_ray": ({"train": {"device": "cuda"}}, [], "resources.gpus is 0"),
+    }[case]
+    spec = _spec_file(tmp_path, **top)
+    storage = tmp_path / "runs"
+    assert main(["run", str(spec), "--storage", str(storage), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not storage.exists()
+
+
+def test_a_sweep_of_many_trials_needs_yes(tmp_path, capsys):
+    data = tiny_job_dict(cs={"rounds": 1, "sweep": {"mask_init": [i / 1000 for i in range(501)]}})
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(data))
+    storage = tmp_path / "runs"
+    assert main(["run", str(spec), "--storage", str(storage), "--in-process"]) == 2
+    err = capsys.readouterr().err
+    assert "501 trials" in err and "--yes" in err
+    assert not storage.exists()
+    assert main(["validate", str(spec)]) == 0  # looking at it needs no confirmation
+
+
+def test_creating_many_runs_shows_progress(tmp_path, monkeypatch):
+    from ticketsearch.job import JobRun
+    from ticketsearch.spec import parse_job
+
+    monkeypatch.setattr("ticketsearch.tracking.RUNS_PROGRESS_EVERY", 2)
+    job = parse_job(tiny_job_dict(cs={"rounds": 1, "sweep": {"mask_init": [0.0, 0.1, 0.2]}},
+                                  imp={"rounds": 1}))
+    lines = []
+    run = JobRun(job, tmp_path / "runs", echo=lines.append)
+    run.open()
+    run.release()
+    assert [line for line in lines if "trial runs" in line] == [
+        "tracking: created 2/4 trial runs", "tracking: created 4/4 trial runs"]

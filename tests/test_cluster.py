@@ -205,3 +205,27 @@ def test_killed_driver_resumes_and_no_trial_runs_twice(tmp_path):
     assert len(summary["trials"]) == 3
     assert "resuming the Ray Tune experiment" in rerun.stdout
     assert summary["orchestration"]["critical_path_trial_s"] > 0
+
+
+def test_a_trial_error_no_retry_can_mend_is_not_retried_and_ends_the_output(ray_local,
+                                                                            tmp_path, capsys):
+    data = tiny_job_dict(cs={"rounds": 1})
+    data["resources"] = {"cpus": 1, "max_failures": 3}
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(data))
+    job = parse_job(data)
+    (trial,) = job.trials()
+    root = tmp_path / "runs" / f"{job.name}-{job.spec_hash()}"
+    trial_dir = root / "trials" / trial.trial_id
+    trial_dir.mkdir(parents=True)
+    (trial_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["run", str(spec), "--storage", str(tmp_path / "runs"), "--no-tracking"]) == 2
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
+    assert trial.trial_id in last and "unreadable checkpoint" in last
+    assert "stopped on an error that a retry cannot mend" in out
+    assert (trial_dir / "error.json").exists()
+    assert not list((root / "ray").rglob("error.txt"))  # Tune saw no failure: no retries
+    (trial_dir / "checkpoint.pt").unlink()  # the cause fixed, the same command finishes it
+    assert main(["run", str(spec), "--storage", str(tmp_path / "runs"), "--no-tracking"]) == 0
+    assert read_result(trial_dir) is not None and not (trial_dir / "error.json").exists()

@@ -110,3 +110,61 @@ def test_an_unreachable_cluster_is_refused_fast_and_nothing_is_written(tmp_path)
     assert "127.0.0.1:1" in result.stderr and "Traceback" not in result.stderr
     assert elapsed < 30
     assert not storage.exists()
+
+
+LOCAL_RAY = """
+import json, os, subprocess, sys, time
+from ticketsearch.cluster import init_ray
+init_ray(None)
+import ray
+ray.get(ray.remote(lambda: 1).remote())
+time.sleep(2)  # every server of the node is up
+
+
+def tree(root):
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+pids = tree(os.getpid())
+lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+binds = sorted({line.split()[3] for line in lines if any(f"pid={p}," in line for p in pids)})
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "binds": binds}))
+ray.shutdown()
+"""
+
+
+def test_a_local_ray_listens_on_loopback_only_and_joins_no_other_cluster(tmp_path):
+    """Every port of the local Ray that `run` starts (its metrics ports among them) is bound
+    to loopback; and a cluster this machine's Ray would join by default (its address file)
+    is not joined."""
+    import shutil
+    import tempfile
+
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to list listening sockets")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))  # short: Ray's socket paths
+    (ray_tmp / "ray").mkdir()  # where a plain ray.init() looks for the last `ray start`:
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    env = dict(_env(), RAY_TMPDIR=str(ray_tmp))
+    done = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=env, capture_output=True,
+                          text=True, timeout=180)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["gcs"] != "127.0.0.1:1"
+    assert found["binds"], "no listening socket found"
+    outside = [b for b in found["binds"] if b.rsplit(":", 1)[0] not in
+               ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]")]
+    assert outside == []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_UNSENT = 3
+MANY_TRIALS = 500  # a larger sweep runs only with --yes
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -157,8 +158,21 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _confirm_size(job, args) -> None:
+    """Refuse a sweep of more than MANY_TRIALS trials unless --yes (a typo in a sweep can ask
+    for thousands of trials, runs and folders)."""
+    from .spec import SpecError
+
+    count = len(job.trials())
+    if count > MANY_TRIALS and not args.yes:
+        raise SpecError(f"{args.job}: this job has {count} trials (more than {MANY_TRIALS}); "
+                        "each is a Ray Tune trial, an MLflow run and a folder. Check its sweeps "
+                        "with `ticketsearch validate`, then pass --yes to run it")
+
+
 def cmd_run(args) -> int:
     job, paths = _load_with_code(args)
+    _confirm_size(job, args)
     if args.in_process:
         from .local import run_job_locally
 
@@ -241,8 +255,11 @@ def cmd_sync(args) -> int:
 def cmd_submit(args) -> int:
     from .submit import resolve_address, submit_job
 
+    job, _ = _load_with_code(args)
+    _confirm_size(job, args)
     extra = [flag for flag, on in (("--no-tracking", args.no_tracking),
-                                   ("--skip-resource-check", args.skip_resource_check)) if on]
+                                   ("--skip-resource-check", args.skip_resource_check),
+                                   ("--yes", args.yes)) if on]
     job_id = submit_job(args.job, args.address, args.overrides, storage=args.storage,
                         extra_args=extra, ship=not args.no_ship, py_modules=args.py_modules,
                         pip=args.pip)
@@ -365,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not refuse trials larger than every current node (autoscaling)")
     run.add_argument("--dashboard", action="store_true",
                      help="start the Ray dashboard with the local cluster")
+    run.add_argument("--yes", action="store_true",
+                     help=f"run a sweep of more than {MANY_TRIALS} trials")
     run.set_defaults(func=cmd_run)
 
     def store_args(p):
@@ -397,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--py-module", dest="py_modules", action="append", default=[],
                         metavar="PATH", help="also ship this package folder or .py file "
                         "(repeatable)")
+    submit.add_argument("--yes", action="store_true",
+                        help=f"submit a sweep of more than {MANY_TRIALS} trials")
     submit.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
                         help="a pip requirement the cluster installs for the job, added to "
                         "code.pip (repeatable)")

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .hooks import EpochEvent
-from .job import JobRun, run_one_trial
-from .jobdir import read_result
+from .job import JobRun, run_one_trial, trial_errors
+from .jobdir import ERROR_FILE, read_result, read_trial_error, write_trial_error
 from .spec import JobSpec
 
 PROGRESS_EVERY_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
-LOOPBACK = "127.0.0.1"
 
 
 class ClusterError(RuntimeError):
@@ -91,8 +90,14 @@ def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict,
     trial_dir = root / "trials" / trial.trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "worker.pid").write_text(str(os.getpid()))
+    (trial_dir / ERROR_FILE).unlink(missing_ok=True)
     planned = planned_epochs(trial)
-    record, _ = run_one_trial(trial, root, tracker, progress=tune_reporter(planned))
+    try:
+        record, _ = run_one_trial(trial, root, tracker, progress=tune_reporter(planned))
+    except trial_errors() as err:  # retrying cannot help: say why, once
+        write_trial_error(trial_dir, err)
+        tune.report({"step": 0, "phase": "error", "done": True})
+        return
     tune.report({"step": record.ledger.epochs["total"], "epochs_planned": planned,
                  "phase": "done", "done": True, "tickets": len(record.tickets),
                  "wall_clock_s": record.ledger.wall_clock_s})
@@ -105,8 +110,8 @@ def init_ray(address: str | None, dashboard: bool = False) -> float:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a new local one (never
     silently join another ``ray start`` cluster of this machine); returns the seconds it took.
 
-    A local Ray is private to this machine: its node address is loopback and Ray's metrics
-    exporter (an HTTP port that answers without the cluster's token) is off. An address that
+    A local Ray is private to this machine: its node address is loopback (``_single_machine``)
+    and Ray's metrics exporter (an HTTP port that answers without the cluster's token) is off. An address that
     does not answer raises ClusterError within ``CONNECT_TIMEOUT_S``."""
     import ray
 
@@ -121,13 +126,24 @@ def init_ray(address: str | None, dashboard: bool = False) -> float:
             check_cluster_reachable(address)
             ray.init(address=address, log_to_driver=False, runtime_env=_credentials_env())
         else:
+            _single_machine()
             ray.init(address="local", include_dashboard=dashboard, log_to_driver=False,
-                     _node_ip_address=LOOPBACK,
                      _system_config={"enable_metrics_collection": False})
     except ConnectionError as err:
         raise ClusterError(f"cannot reach a Ray cluster at {address}: {err}; check the "
                            "address (ray://... or HOST:6379) and that the cluster is up") from None
     return time.perf_counter() - start
+
+
+def _single_machine() -> None:
+    """Make the local Ray about to start a single-machine cluster: its node address is
+    loopback (Ray's own switch for this, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read here and
+    by the processes Ray starts), so its servers, among them the autoscaler's and the
+    dashboard's metrics ports, answer on this machine only."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _credentials_env() -> dict[str, Any] | None:
@@ -235,6 +251,10 @@ class ProgressPrinter:
         return "\n".join(lines)
 
     def complete(self, trial_id: str, result: dict[str, Any]) -> None:
+        if result.get("phase") == "error":
+            self.say(f"{self.names.get(trial_id, trial_id)}: stopped on an error that a retry "
+                     "cannot mend (its cause is shown at the end)")
+            return
         self.say(f"{self.names.get(trial_id, trial_id)}: finished, {int(result.get('step', 0))}"
                   f" epochs, {result.get('tickets', 0)} tickets, "
                   f"{result.get('wall_clock_s', 0.0):.1f}s")
@@ -272,7 +292,10 @@ def _trial_id(trial) -> str:
     return trial.config["trial"]["trial_id"]
 
 
-def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = ()):
+def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = (),
+           restore: bool = True):
+    """The Tuner of the pending trials: the job's Tune experiment restored (after a driver
+    failure) when there is one and ``restore``, else a new one (an old one moved aside)."""
     from ray import tune
 
     from .methods import get_method
@@ -286,9 +309,11 @@ def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = ()):
     storage = str((run.root / "ray").resolve())
     path = Path(storage) / "tune"
     if tune.Tuner.can_restore(str(path)):
-        echo(f"resuming the Ray Tune experiment in {path}")
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        if restore:
+            echo(f"resuming the Ray Tune experiment in {path}")
+            return tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
+                                      resume_errored=True)
+        path.rename(path.with_name(f"tune-before-{time.strftime('%Y%m%d-%H%M%S')}"))
     run_config = tune.RunConfig(
         name="tune", storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=run.spec.resources.max_failures),
@@ -325,7 +350,7 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
     """Run (or resume) every unfinished trial of ``job`` as Ray Tune trials; returns the job
     record (as JSON, with ``job_dir`` and ``report``). ``code_paths``: folders of the job's
     own code, put on every trial worker's import path."""
-    run = JobRun(job, storage, track, echo)
+    run = JobRun(job, storage, track, echo, on_ray=True)
     startup_s = init_ray(address, dashboard)
     if check_resources:
         check_resources_fit(run.trials, node_capacities())
@@ -336,9 +361,21 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
     finally:
         run.release()
     if failed:
-        raise ClusterError(f"{len(failed)} trial(s) failed after retries: {', '.join(failed)}; "
-                           f"see {run.root / 'ray'}; re-run the same command to resume")
+        raise ClusterError(failure_message(run, failed))
     return outcome
+
+
+def failure_message(run: JobRun, failed: list[str]) -> str:
+    """Why the job failed, trial by trial; the last line is a cause, not a hint."""
+    lines = [f"{len(failed)} trial(s) failed; fix the cause and re-run the same command "
+             "(finished trials are kept, the others resume):"]
+    for trial_id in failed:
+        cause = read_trial_error(run.root / "trials" / trial_id)
+        cause = " ".join(cause.split()) if cause else (
+            f"crashed after resources.max_failures retries; its traceback is under "
+            f"{run.root / 'ray'}")
+        lines.append(f"  {trial_id}: {cause}")
+    return "\n".join(lines)
 
 
 def _run_trials(run: JobRun, echo, code_paths: tuple[str, ...]) -> list[str]:
@@ -349,5 +386,11 @@ def _run_trials(run: JobRun, echo, code_paths: tuple[str, ...]) -> list[str]:
     pending = sorted(run.unfinished(), key=planned_epochs, reverse=True)
     if not pending:
         return []
-    results = _tuner(run, pending, echo, code_paths).fit()
-    return [r.config["trial"]["trial_id"] for r in results if r.error is not None]
+    # A trial that stopped on an error is finished for Tune: only a new experiment runs it.
+    stopped_before = [t for t in pending if read_trial_error(run.trial_dir(t)) is not None]
+    for trial in stopped_before:
+        (run.trial_dir(trial) / ERROR_FILE).unlink()
+    results = _tuner(run, pending, echo, code_paths, restore=not stopped_before).fit()
+    crashed = {r.config["trial"]["trial_id"] for r in results if r.error is not None}
+    stopped = {t.trial_id for t in pending if read_trial_error(run.trial_dir(t)) is not None}
+    return [t.trial_id for t in pending if t.trial_id in crashed | stopped]

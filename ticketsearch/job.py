@@ -46,7 +46,8 @@ class NullTracker:
     """The tracker of an untracked job: hooks pass through, nothing is logged.
     (``tracking.JobTracking`` is the MLflow one; both are small picklable values.)"""
 
-    def start(self, job, job_dir: Path, trials, ray_address: str | None = None) -> str | None:
+    def start(self, job, job_dir: Path, trials, ray_address: str | None = None,
+              echo: Echo | None = None) -> str | None:
         return None
 
     def trial_hooks(self, inner, trial_id: str):
@@ -68,13 +69,17 @@ class NullTracker:
         return None
 
 
-def preflight(job: JobSpec, echo: Echo) -> None:
-    """Check the job's own model and data together before anything is written (see
-    ``preflight.py``; skipped for a built-in model on a built-in dataset)."""
-    from .preflight import inspect_job, needs_preflight, summary_line
+def preflight(job: JobSpec, trials, echo: Echo, on_ray: bool) -> None:
+    """Check, before anything is written, what the spec alone cannot: the job's own model and
+    data together (``preflight.inspect_job``: a dry forward pass), else that its dataset loads;
+    and that the trials can have the device they ask for."""
+    from .preflight import check_data, check_devices, inspect_job, needs_preflight, summary_line
 
     if needs_preflight(job):
         echo(summary_line(inspect_job(job)))
+    else:
+        check_data(job)
+    check_devices(trials, on_ray)
 
 
 def make_tracker(job: JobSpec, storage: str | Path | None, track: bool):
@@ -90,13 +95,13 @@ class JobRun:
     """One session of running a job: its spec, trials (expanded once), directory, tracker."""
 
     def __init__(self, spec: JobSpec, storage: str | Path | None = None, track: bool = True,
-                 echo: Echo = print):
+                 echo: Echo = print, on_ray: bool = False):
         from .tracking import take_credentials
 
         spec = take_credentials(spec)  # no password in what is stored or printed
         self.spec, self.echo = spec, echo
         self.trials = spec.trials()
-        preflight(spec, echo)
+        preflight(spec, self.trials, echo, on_ray)
         storage = Path(storage or spec.storage.path).expanduser()
         check_storage(storage)
         self.tracker = make_tracker(spec, storage, track)
@@ -114,7 +119,8 @@ class JobRun:
             spec_path = self.root / "spec.yaml"
             if not spec_path.exists():
                 spec_path.write_text(dump_job(self.spec))
-            line = self.tracker.start(self.spec, self.root, self.trials, ray_address)
+            line = self.tracker.start(self.spec, self.root, self.trials, ray_address,
+                                      echo=self.echo)
         except BaseException:
             self.release()
             raise
@@ -163,6 +169,20 @@ class JobRun:
                       f"nothing is lost: it waits in the job directory. Once the server is "
                       f"back, send it with `ticketsearch sync {self.root}`")
         return record.model_dump(mode="json") | {"report": report, "unsent": unsent}
+
+
+def trial_errors() -> tuple[type[BaseException], ...]:
+    """Errors a trial can stop on that no retry mends (a bad spec, data, model, code or
+    checkpoint): executors report them instead of retrying."""
+    from .data import DatasetError
+    from .hooks import CheckpointError
+    from .models import ModelError
+    from .sparsity.ticketfile import TicketFormatError
+    from .spec import SpecError
+    from .usercode import UserCodeError
+
+    return (SpecError, DatasetError, ModelError, UserCodeError, CheckpointError,
+            TicketFormatError)
 
 
 def run_one_trial(trial: TrialSpec, root: Path, tracker, data=None,

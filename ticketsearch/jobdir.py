@@ -12,6 +12,7 @@ Layout (one folder per job submission, named ``<job name>-<spec hash>``)::
             events.jsonl          one line per trained epoch (and per round end)
             tickets/<name>/       ticket directories (see sparsity/ticketfile.py)
             result.json           the trial record (records.TrialRecord), once finished
+            error.json            why the trial stopped, when retrying cannot help
 
 ``TrialDirHooks`` implements the runners' ``Hooks`` on such a folder; every executor runs its
 trials through it (see ``job.run_one_trial``).
@@ -36,6 +37,7 @@ from .records import TrialRecord, read_record, record_json
 from .tickets import Ticket
 
 LOCK_FILE = "driver.lock"
+ERROR_FILE = "error.json"  # a trial's deterministic failure (not retried)
 HEARTBEAT_S = 10.0  # a holder refreshes its lock this often
 STALE_AFTER_S = 60.0  # a lock not refreshed for this long is abandoned (holder on another host)
 
@@ -257,7 +259,8 @@ class TrialDirHooks(Hooks):
         try:
             state = torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
         except Exception as err:
-            raise CheckpointError(f"{self.checkpoint_path}: unreadable checkpoint ({err}); "
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"{self.checkpoint_path}: unreadable checkpoint ({first}); "
                                   "delete it to start the trial over") from None
         if not isinstance(state, dict) or not {"ledger", "rounds", "tickets"} <= state.keys():
             raise CheckpointError(f"{self.checkpoint_path}: not a ticketsearch checkpoint; "
@@ -311,6 +314,18 @@ class TrialDirHooks(Hooks):
         write_text_atomic(self.dir / "result.json", record_json(record))
         self.checkpoint_path.unlink(missing_ok=True)
         return record
+
+
+def write_trial_error(trial_dir: Path, err: BaseException) -> None:
+    """Record that the trial stopped on ``err``, an error no retry can mend."""
+    write_json_atomic(Path(trial_dir) / ERROR_FILE,
+                      {"error": type(err).__name__, "message": str(err)})
+
+
+def read_trial_error(trial_dir: Path) -> str | None:
+    """The message of the trial's recorded error, or None."""
+    path = Path(trial_dir) / ERROR_FILE
+    return json.loads(path.read_text())["message"] if path.exists() else None
 
 
 def _attempt_windows(events: list[dict[str, Any]]) -> list[list[float]]:

@@ -8,7 +8,8 @@ does not fit the data or whose output is not ``(batch, num_classes)``, a layer t
 carry a mask, and retraining recipes the model or data cannot take. ``format_inspection``
 renders what it found (``ticketsearch inspect``); ``needs_preflight`` says when ``run`` and
 ``validate`` run it (when the job names its own model, data or masked layers: a built-in
-model on a built-in dataset is already checked by the spec's catalog rules).
+model on a built-in dataset is already checked by the spec's catalog rules, and ``run`` only
+loads its data, ``check_data``). ``check_devices`` refuses a GPU the trials cannot have.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .models import ModelError, build_model
 from .sparsity.masks import add_binary_masks
 from .usercode import describe_error
 
-__all__ = ["Inspection", "format_inspection", "inspect_job", "needs_preflight",
-           "summary_line"]
+__all__ = ["Inspection", "check_data", "check_devices", "format_inspection", "inspect_job",
+           "needs_preflight", "summary_line"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,32 @@ def needs_preflight(job) -> bool:
     model, data = job.model, job.data
     return (not model.builtin or data.factory is not None or data.dataset == "folder"
             or model.masked_layers is not None or model.unmasked_layers is not None)
+
+
+def check_data(job) -> None:
+    """Load the job's dataset on the CPU (what every job gets when ``inspect_job`` is not
+    needed): a missing or unreadable dataset, or splits that do not fit it, raise now."""
+    load_dataset(job.data, "cpu")
+
+
+def check_devices(trials, on_ray: bool) -> None:
+    """``train.device: cuda`` needs a GPU: one visible here for in-process trials, or
+    ``resources.gpus`` > 0 for Ray trials (Ray hides the GPUs from a trial that asks none)."""
+    from .spec import SpecError
+
+    cuda = [t for t in trials if t.train.device == "cuda"]
+    if not cuda:
+        return
+    if on_ray:
+        none = [t.trial_id for t in cuda if t.resources.gpus <= 0]
+        if none:
+            raise SpecError(f"train.device: cuda, but resources.gpus is 0 (trial {none[0]}): "
+                            "Ray gives such a trial no GPU; set resources.gpus (e.g. 1, or "
+                            "0.25 to share one) or train.device: auto")
+    elif not torch.cuda.is_available():
+        raise SpecError("train.device: cuda, but this machine has no CUDA GPU (torch sees "
+                        "none) and --in-process trains here; use train.device: auto or cpu, "
+                        "or run on a cluster with GPUs")
 
 
 def inspect_job(job, device: str = "cpu") -> Inspection:

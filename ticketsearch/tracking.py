@@ -37,6 +37,7 @@ RETRY_INTERVAL_S = 5.0
 FLUSH_EVERY_S = 5.0  # epoch metrics are sent in batches at most this old
 BATCH_LIMIT = 1000  # MLflow's limit of metrics per log_batch
 PARAM_VALUE_LIMIT = 500
+RUNS_PROGRESS_EVERY = 50  # a job creating many MLflow runs says how far it got
 
 
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -199,9 +200,11 @@ class JobTracking:
         check_reachable(uri)
         return cls(uri)
 
-    def start(self, job, job_dir: Path, trials, ray_address: str | None = None) -> str:
-        """Create (or find again) the job's runs; returns a line saying where they are."""
-        started = setup_job_tracking(job, job_dir, self.uri, trials, ray_address)
+    def start(self, job, job_dir: Path, trials, ray_address: str | None = None,
+              echo=None) -> str:
+        """Create (or find again) the job's runs; returns a line saying where they are.
+        ``echo`` hears how far the creation of many runs has got."""
+        started = setup_job_tracking(job, job_dir, self.uri, trials, ray_address, echo)
         self.__dict__.update(started.__dict__)
         return (f"tracking: {redact_uri(self.uri)} (experiment "
                 f"{job.tracking.experiment or job.name}, parent run {self.parent_run_id})")
@@ -288,9 +291,10 @@ def _start_child(client, tracking: JobTracking, job, trial) -> str:
     return run.info.run_id
 
 
-def setup_job_tracking(job, job_dir: Path, uri: str, trials, ray_address: str | None = None
-                       ) -> JobTracking:
-    """Create (or find again, for a resumed job) the experiment, parent and child runs."""
+def setup_job_tracking(job, job_dir: Path, uri: str, trials, ray_address: str | None = None,
+                       echo=None) -> JobTracking:
+    """Create (or find again, for a resumed job) the experiment, parent and child runs;
+    ``echo`` (optional) hears every ``RUNS_PROGRESS_EVERY`` runs created."""
     check_reachable(uri)
     _make_store_folder(uri)
     client = client_for(uri)
@@ -302,9 +306,12 @@ def setup_job_tracking(job, job_dir: Path, uri: str, trials, ray_address: str | 
     else:
         tracking.uri = uri
         client.update_run(tracking.parent_run_id, status="RUNNING")
-    for trial in trials:
-        if trial.trial_id not in tracking.trial_runs:
-            tracking.trial_runs[trial.trial_id] = _start_child(client, tracking, job, trial)
+    missing = [t for t in trials if t.trial_id not in tracking.trial_runs]
+    for count, trial in enumerate(missing, 1):
+        tracking.trial_runs[trial.trial_id] = _start_child(client, tracking, job, trial)
+        if echo and len(missing) > RUNS_PROGRESS_EVERY and (
+                count % RUNS_PROGRESS_EVERY == 0 or count == len(missing)):
+            echo(f"tracking: created {count}/{len(missing)} trial runs")
     tracking.save(job_dir)
     return tracking
 
