@@ -28,12 +28,12 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "ticketsearch.cli", *args]
 
 
-@pytest.fixture
-def slow_job(tmp_path):
-    """A job that trains for several seconds in-process: (spec path, storage, job dir)."""
+def _job(tmp_path, epochs_per_round: int):
+    """A one-trial CS job (3 rounds + retraining) trained in-process: (spec, storage, job dir)."""
     data = tiny_job_dict(cs={"rounds": 3})
     data["model"]["mlp_hidden"] = [300, 100]
-    data["train"].update(epochs_per_round=100, lr_milestones=[80], checkpoint_every=5)
+    data["train"].update(epochs_per_round=epochs_per_round,
+                         lr_milestones=[epochs_per_round - 10], checkpoint_every=5)
     spec = tmp_path / "job.yaml"
     spec.write_text(json.dumps(data))
     job = parse_job(data)
@@ -57,8 +57,8 @@ def _wait_for_epochs(root: Path, epochs: int, timeout: float = 120) -> None:
     raise AssertionError(f"{root}: the job did not start training in {timeout}s")
 
 
-def test_a_second_run_of_a_running_job_is_refused_and_nothing_trains_twice(slow_job):
-    spec, storage, root = slow_job
+def test_a_second_run_of_a_running_job_is_refused_and_nothing_trains_twice(tmp_path):
+    spec, storage, root = _job(tmp_path, epochs_per_round=100_000)  # runs until killed
     first = _start(spec, storage)
     try:
         _wait_for_epochs(root, 3)
@@ -67,24 +67,20 @@ def test_a_second_run_of_a_running_job_is_refused_and_nothing_trains_twice(slow_
             _cli("run", str(spec), "--storage", str(storage), "--in-process", "--no-tracking"),
             _cli("resume", root.name, "--storage", str(storage), "--no-tracking"))]
         outcomes = [(p.wait(timeout=120), p.stderr.read()) for p in refused]
-        still_running = first.poll() is None  # the refusals came while it trained
-        _, err = first.communicate(timeout=300)
+        assert first.poll() is None  # the refusals came while it trained
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-    assert still_running
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     for code, stderr in outcomes:
         assert code == 2, stderr[-2000:]
         assert f"pid {first.pid}" in stderr and "Traceback" not in stderr
-    assert first.returncode == 0, err[-2000:]
     (trial_dir,) = root.glob("trials/*")
     steps = [e["step"] for e in read_events(trial_dir)]
-    assert steps == list(range(len(steps))) and len(steps) == 400  # each epoch once
-    assert not (root / "driver.lock").exists()
+    assert len(steps) >= 3 and steps == list(range(len(steps)))  # one trainer: each epoch once
 
 
-def test_the_lock_of_a_killed_run_is_taken_over(slow_job):
-    spec, storage, root = slow_job
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    spec, storage, root = _job(tmp_path, epochs_per_round=100)
     first = _start(spec, storage)
     _wait_for_epochs(root, 12)
     os.killpg(first.pid, signal.SIGKILL)
