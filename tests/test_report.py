@@ -82,20 +82,71 @@ def test_report_is_logged_to_the_parent_run(quickstart):
     assert {"report/report.json", "report/report.md", "report/pareto.png"} <= names
 
 
-def test_pareto_front_and_frontier_comparison_on_hand_made_tickets():
-    def t(name, sparsity, acc):
-        return {"name": name, "trial_id": name, "sparsity": sparsity, "test_acc": acc,
-                "val_acc": None, "run_id": None}
+def _row(name, sparsity, val, test):
+    return {"name": name, "trial_id": name, "sparsity": sparsity, "val_acc": val,
+            "test_acc": test, "run_id": None}
 
-    cs = [t("a", 0.5, 0.90), t("b", 0.7, 0.91), t("c", 0.6, 0.89), t("d", 0.9, 0.80)]
-    assert [x["name"] for x in pareto_front(cs)] == ["b", "d"]
-    imp = [t("r1", 0.2, 0.92), t("r3", 0.49, 0.915), t("r5", 0.67, 0.90), t("r9", 0.87, 0.85)]
-    methods = {"cs": {"pareto": pareto_front(cs), "tickets": cs},
-               "imp": {"pareto": pareto_front(imp), "tickets": imp}}
-    result = frontier_comparison(methods)
-    assert [(r["name"], r["reference_best_test_acc"], r["dominates"])
-            for r in result["tickets"]] == [("b", 0.85, True), ("d", None, True)]
-    assert result["dominating"] == 2 and result["of"] == 2
+
+def _methods(cs, imp, key="val_acc"):
+    return {"cs": {"pareto": pareto_front(cs, key), "tickets": cs},
+            "imp": {"pareto": pareto_front(imp, key), "tickets": imp}}
+
+
+def test_pareto_front_and_frontier_comparison_on_hand_made_tickets():
+    cs = [_row("a", 0.5, 0.90, 0.90), _row("b", 0.7, 0.91, 0.91), _row("c", 0.6, 0.89, 0.89),
+          _row("d", 0.86, 0.80, 0.80)]
+    assert [x["name"] for x in pareto_front(cs, "val_acc")] == ["b", "d"]
+    imp = [_row("r1", 0.2, 0.92, 0.92), _row("r3", 0.49, 0.915, 0.915),
+           _row("r5", 0.67, 0.90, 0.90), _row("r9", 0.87, 0.85, 0.85)]
+    result = frontier_comparison(_methods(cs, imp))
+    assert [(r["name"], r["reference_ticket"], r["reference_best_test_acc"], r["dominates"])
+            for r in result["tickets"]] == [("b", "r9", 0.85, True), ("d", "r9", 0.85, False)]
+    assert (result["dominating"], result["of"], result["without_comparator"]) == (1, 2, 0)
+
+
+def test_a_ticket_sparser_than_every_reference_ticket_has_no_comparator():
+    """The 4/4 headline of a 4-epoch quickstart: CS tickets sparser than any IMP ticket (one
+    of them at 0.553 against a dense 0.944) were counted as dominating."""
+    cs = [_row("s1", 0.990, 0.97, 0.97), _row("s2", 0.993, 0.96, 0.96),
+          _row("s3", 0.996, 0.90, 0.90), _row("s4", 0.999, 0.55, 0.553)]
+    imp = [_row("r1", 0.2, 0.95, 0.95), _row("r5", 0.67, 0.95, 0.95)]
+    result = frontier_comparison(_methods(cs, imp))
+    assert [r["dominates"] for r in result["tickets"]] == [None] * 4
+    assert [r["reference_ticket"] for r in result["tickets"]] == [None] * 4
+    assert (result["dominating"], result["of"], result["without_comparator"]) == (0, 0, 4)
+
+
+def test_tickets_are_selected_on_validation_and_reported_on_test():
+    """Matching, sparsest matching and the frontier are chosen by validation accuracy; the
+    comparison with IMP is made on the test accuracy of the tickets so chosen."""
+    cs = [_row("lucky", 0.9, 0.80, 0.99),  # best on test by chance, poor on validation
+          _row("solid", 0.8, 0.95, 0.94)]
+    imp = [_row("r9", 0.9, 0.93, 0.96), _row("r10", 0.95, 0.91, 0.97)]
+    assert [t["name"] for t in pareto_front(cs, "val_acc")] == ["solid", "lucky"]
+    assert [t["name"] for t in pareto_front(imp, "val_acc")] == ["r9", "r10"]
+    row = frontier_comparison(_methods(cs, imp))["tickets"][0]
+    assert (row["name"], row["reference_ticket"]) == ("solid", "r9")  # r9: best imp val acc
+    assert row["reference_best_test_acc"] == 0.96 and row["dominates"] is False
+
+
+def test_matching_is_judged_on_validation_accuracy():
+    from ticketsearch.analysis import method_report
+    from ticketsearch.records import TrialRecord
+
+    def trial(tickets):
+        return TrialRecord.model_validate({
+            "trial_id": "cs-x", "method": "cs", "tickets": tickets, "rounds": [], "final": {},
+            "ledger": {"device": "cpu", "device_fraction": 1.0, "epochs": {"total": 1},
+                       "train_seconds": {}, "recomputed_epochs": 0, "wall_clock_s": 1.0,
+                       "device_s": 1.0, "attempts": 1, "attempt_windows": [[0.0, 1.0]]},
+            "data_sizes": {}})
+
+    tickets = [{"name": "high-test", "sparsity": 0.9, "val_acc": 0.90, "test_acc": 0.99},
+               {"name": "high-val", "sparsity": 0.8, "val_acc": 0.96, "test_acc": 0.93}]
+    report = method_report([trial(tickets)], {"val_acc": 0.95, "test_acc": 0.95}, 0.01,
+                           "val_acc")
+    assert [t["name"] for t in report["matching"]] == ["high-val"]
+    assert report["sparsest_matching"]["name"] == "high-val"
 
 
 def test_report_of_an_untracked_job_comes_from_its_directory(tmp_path):

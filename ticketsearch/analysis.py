@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from .methods import get_method, methods
 from .records import JobRecord, TrialRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: selection on validation accuracy, frontier comparators
 RATIO_PAIRS = (("imp", "cs"), ("rigl", "cs"), ("imp", "rigl"))
 
 
@@ -81,8 +81,9 @@ class FrontierRow(_Doc):
     trial_id: str
     sparsity: float
     test_acc: float | None
+    reference_ticket: str | None  # the comparator: None when no reference ticket is as sparse
     reference_best_test_acc: float | None
-    dominates: bool
+    dominates: bool | None  # None: nothing to compare with
 
 
 class Frontier(_Doc):
@@ -90,7 +91,8 @@ class Frontier(_Doc):
     reference: str
     tickets: list[FrontierRow]
     dominating: int
-    of: int
+    of: int  # frontier tickets that had a comparator
+    without_comparator: int
 
 
 class RecipeRow(_Doc):
@@ -164,6 +166,7 @@ class Report(_Doc):
     """``report.json``: everything the report says, as numbers."""
 
     schema_version: int = SCHEMA_VERSION
+    selected_on: str = "val_acc"  # what matching / frontier selection compares
     job: JobInfo
     dense: DenseBaseline
     tolerance: float
@@ -213,10 +216,11 @@ def stat(values: list[float | None]) -> dict[str, Any]:
     return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
 
 
-def ticket_groups(trials: list[TrialRecord], dense_acc: float | None,
-                  tolerance: float) -> list[dict[str, Any]]:
-    """Each (setting, ticket name) over the setting's seeds; ``matching`` when the mean test
-    accuracy is at least the dense accuracy minus ``tolerance``. Least sparse first."""
+def ticket_groups(trials: list[TrialRecord], dense_acc: float | None, tolerance: float,
+                  key: str = "val_acc") -> list[dict[str, Any]]:
+    """Each (setting, ticket name) over the setting's seeds; ``matching`` when the mean
+    ``key`` accuracy (validation, see ``selection_key``) is at least the dense one minus
+    ``tolerance``. Least sparse first."""
     found: dict[tuple[str, str], list] = {}
     for trial in trials:
         for ticket in trial.tickets:
@@ -225,14 +229,13 @@ def ticket_groups(trials: list[TrialRecord], dense_acc: float | None,
     groups = []
     for (group, name), members in found.items():
         tickets = [t for _, t in members]
-        test = stat([t.test_acc for t in tickets])
+        accs = {k: stat([getattr(t, k) for t in tickets]) for k in ("val_acc", "test_acc")}
+        chosen = accs[key]["mean"]
         groups.append({
             "group": group, "ticket": name, "seeds": [seed for seed, _ in members],
             "target_sparsity": tickets[0].target_sparsity,
-            "sparsity": stat([t.sparsity for t in tickets]),
-            "val_acc": stat([t.val_acc for t in tickets]), "test_acc": test,
-            "matching": None not in (dense_acc, test["mean"])
-            and test["mean"] >= dense_acc - tolerance,
+            "sparsity": stat([t.sparsity for t in tickets]), **accs,
+            "matching": None not in (dense_acc, chosen) and chosen >= dense_acc - tolerance,
         })
     return sorted(groups, key=lambda g: (g["sparsity"]["mean"], g["group"], g["ticket"]))
 
@@ -310,14 +313,20 @@ def recipe_comparison(trials: list[TrialRecord]) -> list[dict[str, Any]]:
     return rows
 
 
-def pareto_front(tickets: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tickets no other ticket beats on both sparsity and test accuracy (sparsest last)."""
-    scored = [t for t in tickets if t["test_acc"] is not None]
+def selection_key(trials: list[TrialRecord]) -> str:
+    """What tickets are selected on: validation accuracy, unless no ticket has one (a job
+    without a validation split), then test accuracy (the report says which)."""
+    has_val = any(t.val_acc is not None for trial in trials for t in trial.tickets)
+    return "val_acc" if has_val else "test_acc"
+
+
+def pareto_front(tickets: list[dict[str, Any]], key: str = "val_acc") -> list[dict[str, Any]]:
+    """Tickets no other ticket beats on both sparsity and ``key`` accuracy (sparsest last)."""
+    scored = [t for t in tickets if t[key] is not None]
     front = []
     for t in scored:
-        beaten = any(o is not t and o["sparsity"] >= t["sparsity"] and
-                     o["test_acc"] >= t["test_acc"] and
-                     (o["sparsity"] > t["sparsity"] or o["test_acc"] > t["test_acc"])
+        beaten = any(o is not t and o["sparsity"] >= t["sparsity"] and o[key] >= t[key] and
+                     (o["sparsity"] > t["sparsity"] or o[key] > t[key])
                      for o in scored)
         if not beaten:
             front.append(t)
@@ -347,13 +356,15 @@ def dense_baseline(trials: list[TrialRecord]) -> dict[str, Any]:
                     "wall_clock_s": _cost([t.ledger.wall_clock_s for t in mine])}
 
 
-def method_report(trials: list[TrialRecord], dense_acc: float | None,
-                  tolerance: float) -> dict[str, Any]:
-    """One method's tickets, matching tickets, frontier and costs."""
+def method_report(trials: list[TrialRecord], dense: dict[str, Any], tolerance: float,
+                  key: str = "val_acc") -> dict[str, Any]:
+    """One method's tickets, matching tickets (``key`` accuracy at least the dense one minus
+    ``tolerance``), sparsest matching ticket, frontier (on ``key``) and costs."""
     method = get_method(trials[0].method)
     tickets = ticket_rows(trials)
+    dense_acc = dense.get(key)
     matching = [] if dense_acc is None else [
-        t for t in tickets if t["test_acc"] is not None and t["test_acc"] >= dense_acc - tolerance]
+        t for t in tickets if t[key] is not None and t[key] >= dense_acc - tolerance]
     search = [t.ledger.phase_epochs(method.search_phases) for t in trials]
     walls = [t.ledger.wall_clock_s for t in trials]
     n = len(tickets)
@@ -362,16 +373,16 @@ def method_report(trials: list[TrialRecord], dense_acc: float | None,
         "trials": len(trials),
         "tickets": tickets,
         "matching": matching,
-        "sparsest_matching": max(matching, key=lambda t: (t["sparsity"], t["test_acc"]),
+        "sparsest_matching": max(matching, key=lambda t: (t["sparsity"], t[key]),
                                  default=None),
-        "pareto": pareto_front(tickets),
+        "pareto": pareto_front(tickets, key),
         "search_epochs": _cost(search),
         "retrain_epochs": _cost([t.ledger.phase_epochs(("retrain",)) for t in trials]),
         "wall_clock_s": _cost(walls),
         "device_s": sum(t.ledger.device_s for t in trials),
         "per_ticket": {"search_epochs": sum(search) / n if n else None,
                        "wall_clock_s": sum(walls) / n if n else None},
-        "groups": ticket_groups(trials, dense_acc, tolerance),
+        "groups": ticket_groups(trials, dense_acc, tolerance, key),
     }
 
 
@@ -393,22 +404,29 @@ def cost_ratios(methods_: dict[str, Any], top: str, bottom: str) -> dict[str, fl
 
 
 def frontier_comparison(methods_: dict[str, Any], challenger: str = "cs",
-                        reference: str = "imp") -> dict[str, Any] | None:
-    """For each ticket on the challenger's frontier: does it match or beat the reference's
-    best test accuracy at equal or higher sparsity?"""
+                        reference: str = "imp", key: str = "val_acc") -> dict[str, Any] | None:
+    """For each ticket on the challenger's frontier (chosen on ``key``): the reference ticket
+    of equal or higher sparsity with the best ``key`` accuracy is its comparator, and it
+    ``dominates`` when its test accuracy is at least the comparator's. A ticket sparser than
+    every reference ticket has no comparator (``dominates`` None), counted apart."""
     if challenger not in methods_ or reference not in methods_:
         return None
-    ref = [t for t in methods_[reference]["tickets"] if t["test_acc"] is not None]
+    ref = [t for t in methods_[reference]["tickets"]
+           if t[key] is not None and t["test_acc"] is not None]
     rows = []
     for t in methods_[challenger]["pareto"]:
-        rivals = [r["test_acc"] for r in ref if r["sparsity"] >= t["sparsity"]]
-        best = max(rivals, default=None)
+        rivals = [r for r in ref if r["sparsity"] >= t["sparsity"]]
+        best = max(rivals, key=lambda r: (r[key], r["sparsity"]), default=None)
         rows.append({"name": t["name"], "trial_id": t["trial_id"], "sparsity": t["sparsity"],
-                     "test_acc": t["test_acc"], "reference_best_test_acc": best,
-                     "dominates": best is None or t["test_acc"] >= best})
-    wins = sum(r["dominates"] for r in rows)
+                     "test_acc": t["test_acc"],
+                     "reference_ticket": None if best is None else best["name"],
+                     "reference_best_test_acc": None if best is None else best["test_acc"],
+                     "dominates": None if best is None or t["test_acc"] is None
+                     else t["test_acc"] >= best["test_acc"]})
+    compared = [r for r in rows if r["dominates"] is not None]
     return {"challenger": challenger, "reference": reference, "tickets": rows,
-            "dominating": wins, "of": len(rows)}
+            "dominating": sum(r["dominates"] for r in compared), "of": len(compared),
+            "without_comparator": len(rows) - len(compared)}
 
 
 def timeline(trials: list[TrialRecord]) -> list[dict[str, Any]]:
@@ -451,18 +469,19 @@ def build_report(record: JobRecord, tolerance: float = 0.01,
     if not trials:
         raise ReportError(f"job {record.job!r} has no finished trial to report on")
     dense = dense_baseline(trials)
+    key = selection_key(trials)
     present = [m.name for m in methods()
                if m.makes_tickets and any(t.method == m.name for t in trials)]
-    by_method = {m: method_report([t for t in trials if t.method == m], dense["test_acc"],
-                                  tolerance) for m in present}
+    by_method = {m: method_report([t for t in trials if t.method == m], dense, tolerance, key)
+                 for m in present}
     ratios = {f"{a}/{b}": cost_ratios(by_method, a, b)
               for a, b in RATIO_PAIRS if a in by_method and b in by_method}
     report = Report(
         job={"name": record.job, "spec_hash": record.spec_hash,
              "parent_run_id": parent_run_id or (record.tracking or {}).get("parent_run_id")},
-        dense=dense, tolerance=tolerance,
+        dense=dense, tolerance=tolerance, selected_on=key,
         makespan_s=record.makespan_s if record.makespan_s is not None else makespan(trials),
-        methods=by_method, ratios=ratios, frontier=frontier_comparison(by_method),
+        methods=by_method, ratios=ratios, frontier=frontier_comparison(by_method, key=key),
         recipes=recipe_comparison(trials), timeline=timeline(trials),
         paired=paired_comparison(trials, by_method),
         test_examples=max((t.data_sizes.get("test", 0) for t in trials), default=0) or None,

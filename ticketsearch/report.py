@@ -144,9 +144,7 @@ def format_summary(report: dict[str, Any]) -> str:
                      f"x{_fmt(ratios['wall_clock_s.critical_path'], 2)}")
     frontier = report.get("frontier")
     if frontier:
-        lines.append(f"{frontier['challenger']} frontier tickets at or above the best "
-                     f"{frontier['reference']} accuracy of equal or higher sparsity: "
-                     f"{frontier['dominating']}/{frontier['of']}")
+        lines.append(frontier_sentence(report))
     if report.get("paired"):
         lines.append("at equal sparsity (test acc, mean [95 % interval] over seeds):")
         for r in report["paired"]:
@@ -186,11 +184,10 @@ def format_markdown(report: dict[str, Any]) -> str:
                    f"{_fmt(m['per_ticket']['search_epochs'], 1)} |")
     for pair, ratios in report["ratios"].items():
         out += ["", f"Ratios {pair}: " + ", ".join(f"{k} ×{_fmt(v, 2)}" for k, v in ratios.items())]
+    out += ["", selection_rule(report)]
     frontier = report.get("frontier")
     if frontier:
-        out += ["", f"{frontier['challenger'].upper()} frontier tickets that match or beat the "
-                f"best {frontier['reference'].upper()} ticket of equal or higher sparsity: "
-                f"**{frontier['dominating']} of {frontier['of']}**."]
+        out += ["", frontier_sentence(report, markdown=True)]
     if report.get("recipes"):
         out += ["", "## Retraining recipes", "",
                 "Test accuracy of each ticket under each recipe, and the difference from its "
@@ -221,6 +218,36 @@ def format_markdown(report: dict[str, Any]) -> str:
                        f"{'yes' if (t['trial_id'], t['name']) in matching else ''} | "
                        f"{t['run_id'] or '-'} |")
     return "\n".join(out) + "\n"
+
+
+def selection_rule(report: dict[str, Any]) -> str:
+    """The rule by which tickets are chosen, in words (report.md states it)."""
+    on = {"val_acc": "validation", "test_acc": "test"}[report["selected_on"]]
+    rule = (f"Tickets are chosen on {on} accuracy: a ticket *matches* when its {on} accuracy "
+            f"is at least the dense baseline's minus {report['tolerance']:g}; the *sparsest "
+            f"matching* ticket and the *frontier* (no other ticket both sparser and more "
+            f"accurate) are chosen the same way. Test accuracy is reported for what was "
+            "chosen, and the comparison with IMP is made on it: a frontier ticket's comparator "
+            "is the IMP ticket of equal or higher sparsity with the best "
+            f"{on} accuracy; a ticket sparser than every IMP ticket has none and is counted "
+            "apart.")
+    if on == "test":
+        rule += " (These tickets have no validation accuracy: the job has no validation split.)"
+    return rule
+
+
+def frontier_sentence(report: dict[str, Any], markdown: bool = False) -> str:
+    """How the challenger's frontier tickets fare against their comparators."""
+    f = report["frontier"]
+    a, b = (f["challenger"].upper(), f["reference"].upper()) if markdown else (
+        f["challenger"], f["reference"])
+    counts = f"{f['dominating']} of {f['of']}"
+    text = (f"{a} frontier tickets that match or beat, on test accuracy, their {b} "
+            f"comparator (equal or higher sparsity): {f'**{counts}**' if markdown else counts}")
+    if f["without_comparator"]:
+        text += (f"; {f['without_comparator']} sparser than every {b} ticket (no comparator, "
+                 "not counted)")
+    return text + ("." if markdown else "")
 
 
 def _test_split_note(report: dict[str, Any]) -> str:
