@@ -311,12 +311,15 @@ def test_run_interrupted_tells_the_user_how_to_resume(tmp_path, capsys, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ticketsearch.local, "run_job_locally", interrupted)
+    monkeypatch.setattr(ticketsearch.local, "_run_trials", interrupted)
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY_JOB)
-    status, _, err = run_cli(capsys, "run", str(spec), "--in-process", "--storage", str(tmp_path / "runs"))
+    job = load_job(spec)
+    storage = tmp_path / "runs"
+    status, _, err = run_cli(capsys, "run", str(spec), "--in-process", "--storage", str(storage))
     assert status == 130
-    assert err == "interrupted; re-run the same command to resume\n"
+    assert f"ticketsearch resume {job.name}-{job.spec_hash()} --storage {storage}" in err
+    assert not (storage / f"{job.name}-{job.spec_hash()}" / "driver.lock").exists()
 
 
 # --------------------------------------------------------------------------- bench

@@ -229,3 +229,24 @@ def test_a_trial_error_no_retry_can_mend_is_not_retried_and_ends_the_output(ray_
     (trial_dir / "checkpoint.pt").unlink()  # the cause fixed, the same command finishes it
     assert main(["run", str(spec), "--storage", str(tmp_path / "runs"), "--no-tracking"]) == 0
     assert read_result(trial_dir) is not None and not (trial_dir / "error.json").exists()
+
+
+def test_a_run_tune_stops_early_is_an_interruption_not_a_finished_job(ray_local, tmp_path,
+                                                                      capsys, monkeypatch):
+    """Tune catches Ctrl-C itself and returns with trials unfinished: the job must not be
+    closed as finished with a partial report; the user is told how to resume."""
+    import ticketsearch.cluster as cluster
+
+    class StoppedTuner:
+        def fit(self):
+            return []
+
+    monkeypatch.setattr(cluster, "_tuner", lambda *args, **kwargs: StoppedTuner())
+    data = tiny_job_dict(cs={"rounds": 1})
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(data))
+    job = parse_job(data)
+    root = tmp_path / "runs" / f"{job.name}-{job.spec_hash()}"
+    assert main(["run", str(spec), "--storage", str(tmp_path / "runs"), "--no-tracking"]) == 130
+    assert f"ticketsearch resume {root.name}" in capsys.readouterr().err
+    assert not (root / "summary.json").exists() and not (root / "driver.lock").exists()

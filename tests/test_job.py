@@ -165,3 +165,17 @@ def test_a_local_ray_listens_on_loopback_only_and_joins_no_other_cluster(tmp_pat
     outside = [b for b in found["binds"] if b.rsplit(":", 1)[0] not in
                ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]")]
     assert outside == []
+
+
+def test_a_run_prints_no_ray_tune_or_mlflow_notices(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(tiny_job_dict(cs={"rounds": 1})))
+    done = subprocess.run(_cli("run", str(spec), "--storage", str(tmp_path / "runs")),
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout + done.stderr
+    for notice in ("Token authentication is enabled", "Configuration for experiment",
+                   "TensorBoard", "Creating initial MLflow database tables",
+                   "Started a local Ray instance", "View detailed results here"):
+        assert notice not in text, notice
+    assert "results in" in done.stdout

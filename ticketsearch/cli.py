@@ -521,8 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        from .job import JobInterrupted
+
+        print(err if isinstance(err, JobInterrupted) else
+              "interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
 
 

@@ -12,6 +12,7 @@ failure once ``Tuner.restore`` restarts it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .hooks import EpochEvent
-from .job import JobRun, run_one_trial, trial_errors
+from .job import JobInterrupted, JobRun, run_one_trial, trial_errors
 from .jobdir import ERROR_FILE, read_result, read_trial_error, write_trial_error
 from .spec import JobSpec
 
@@ -115,24 +116,38 @@ def init_ray(address: str | None, dashboard: bool = False) -> float:
     does not answer raises ClusterError within ``CONNECT_TIMEOUT_S``."""
     import ray
 
-    # Checkpointing every few epochs is intended; Tune's "excessive snapshot" warning is noise.
+    # Checkpointing every few epochs is intended; Tune's "excessive snapshot" warning is noise,
+    # and so are its configuration box and TensorBoard hint (the legacy output, silent at
+    # verbose=0): the progress table is ours.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     start = time.perf_counter()
     if ray.is_initialized():
         return 0.0
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+        logging.getLogger(TOKEN_NOTICE_LOGGER).addFilter(_drop_token_notice)
         if address:
             check_cluster_reachable(address)
-            ray.init(address=address, log_to_driver=False, runtime_env=_credentials_env())
+            ray.init(address=address, runtime_env=_credentials_env(), **quiet)
         else:
             _single_machine()
-            ray.init(address="local", include_dashboard=dashboard, log_to_driver=False,
-                     _system_config={"enable_metrics_collection": False})
+            ray.init(address="local", include_dashboard=dashboard,
+                     _system_config={"enable_metrics_collection": False}, **quiet)
     except ConnectionError as err:
         raise ClusterError(f"cannot reach a Ray cluster at {address}: {err}; check the "
                            "address (ray://... or HOST:6379) and that the cluster is up") from None
     return time.perf_counter() - start
+
+
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_token_notice(record: logging.LogRecord) -> bool:
+    """Ray's notice that token authentication is on, said at every start, is left out (its
+    errors about a missing or wrong token are not)."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray")
 
 
 def _single_machine() -> None:
@@ -390,7 +405,13 @@ def _run_trials(run: JobRun, echo, code_paths: tuple[str, ...]) -> list[str]:
     stopped_before = [t for t in pending if read_trial_error(run.trial_dir(t)) is not None]
     for trial in stopped_before:
         (run.trial_dir(trial) / ERROR_FILE).unlink()
-    results = _tuner(run, pending, echo, code_paths, restore=not stopped_before).fit()
+    try:
+        results = _tuner(run, pending, echo, code_paths, restore=not stopped_before).fit()
+    except KeyboardInterrupt:
+        raise JobInterrupted(run.root) from None
     crashed = {r.config["trial"]["trial_id"] for r in results if r.error is not None}
     stopped = {t.trial_id for t in pending if read_trial_error(run.trial_dir(t)) is not None}
-    return [t.trial_id for t in pending if t.trial_id in crashed | stopped]
+    failed = [t.trial_id for t in pending if t.trial_id in crashed | stopped]
+    if any(read_result(run.trial_dir(t)) is None and t.trial_id not in failed for t in pending):
+        raise JobInterrupted(run.root)  # Tune caught Ctrl-C and returned early
+    return failed

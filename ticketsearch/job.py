@@ -42,6 +42,16 @@ from .spec import JobSpec, TrialSpec, dump_job
 Echo = Callable[[str], None]
 
 
+class JobInterrupted(KeyboardInterrupt):
+    """The job stopped before its trials finished (Ctrl-C); the message says how to finish
+    it. Nothing is lost: finished trials are kept and the others resume."""
+
+    def __init__(self, root: Path):
+        super().__init__(f"interrupted; finish it with `ticketsearch resume {root.name} "
+                         f"--storage {root.parent}` (or the same run command): finished "
+                         "trials are kept, the others resume from their checkpoints")
+
+
 class NullTracker:
     """The tracker of an untracked job: hooks pass through, nothing is logged.
     (``tracking.JobTracking`` is the MLflow one; both are small picklable values.)"""

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .job import JobRun, round_printer, run_one_trial
+from .job import JobInterrupted, JobRun, round_printer, run_one_trial
 from .jobdir import read_result
 from .spec import JobSpec
 
@@ -23,7 +23,10 @@ def run_job_locally(job: JobSpec, storage: str | Path | None = None,
     run = JobRun(job, storage, track, echo)
     run.open()
     try:
-        _run_trials(run, echo)
+        try:
+            _run_trials(run, echo)
+        except KeyboardInterrupt:
+            raise JobInterrupted(run.root) from None
         return run.close()
     finally:
         run.release()

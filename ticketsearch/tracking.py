@@ -90,9 +90,13 @@ def take_credentials(job):
 
 
 def _quiet_client_env() -> None:
-    """Fail fast instead of retrying for minutes; the journal does the retrying."""
+    """Fail fast instead of retrying for minutes (the journal does the retrying); no notes
+    about creating a new local store's tables."""
+    import logging
+
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def client_for(uri: str):
