@@ -127,6 +127,41 @@ def test_list_tickets_filters_and_sorts(tracked):
         tracking.list_tickets(uri, job="nope")
 
 
+def test_variants_of_a_job_are_told_apart_by_job_id(tracked, capsys):
+    from ticketsearch import cli
+
+    job, summary, _ = tracked
+    storage = Path(summary["job_dir"]).parent
+    variant = tiny_job(train={**tiny_job_dict()["train"], "lr": 0.05})
+    run_job_locally(variant, storage=storage, echo=lambda _: None)
+    ids = {f"{job.name}-{job.spec_hash()}", f"{variant.name}-{variant.spec_hash()}"}
+    uri = summary["tracking"]["uri"]
+    both = tracking.list_tickets(uri, job=job.name)  # the experiment: both variants
+    assert {r["job_id"] for r in both} == ids
+    only = tracking.list_tickets(uri, job=f"{variant.name}-{variant.spec_hash()}")
+    assert {r["job_id"] for r in only} == {f"{variant.name}-{variant.spec_hash()}"}
+    assert len(only) == len(both) // 2
+    assert cli.main(["tickets", "--uri", uri, "--json"]) == 0
+    assert {r["job_id"] for r in json.loads(capsys.readouterr().out)} == ids
+    assert cli.main(["tickets", "--uri", uri, "--job", variant.name]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["sparsity", "test", "val"] and "job" in table[0].split()
+    assert any(f"{variant.name}-{variant.spec_hash()}" in line for line in table[1:])
+
+
+def test_ticket_command_reads_a_logged_ticket_from_the_local_store(tracked, capsys,
+                                                                   monkeypatch):
+    from ticketsearch import cli
+
+    job, summary, _ = tracked
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    storage = Path(summary["job_dir"]).parent
+    (row, *_) = tracking.list_tickets(summary["tracking"]["uri"], job=job.name)
+    assert cli.main(["ticket", row["artifact"], "--storage", str(storage)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["name"] == row["name"] and shown["sparsity"] == pytest.approx(row["sparsity"])
+
+
 class Crash(Exception):
     pass
 

@@ -229,12 +229,14 @@ def cmd_tickets(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'sparsity':>8}  {'test':>6}  {'val':>6}  {'method':6}  {'trial':40}  artifact")
+    width = max([len(r["job_id"]) for r in rows] + [3])
+    print(f"{'sparsity':>8}  {'test':>6}  {'val':>6}  {'method':6}  {'job':{width}}  "
+          f"{'trial':40}  artifact")
     for r in rows:
         test = "-" if r["test_acc"] is None else f"{r['test_acc']:.4f}"
         val = "-" if r["val_acc"] is None else f"{r['val_acc']:.4f}"
         print(f"{r['sparsity']:8.4f}  {test:>6}  {val:>6}  {r['method'] or '-':6}  "
-              f"{r['trial'][:40]:40}  {r['artifact']}")
+              f"{r['job_id']:{width}}  {r['trial'][:40]:40}  {r['artifact']}")
     print(f"{len(rows)} tickets")
     return 0
 
@@ -333,8 +335,10 @@ def cmd_stop(args) -> int:
 
 def cmd_ticket(args) -> int:
     from . import load_ticket
+    from .tickets import is_artifact_uri
 
-    ticket = load_ticket(args.path)
+    store = _store_uri(args) if is_artifact_uri(args.path) else None
+    ticket = load_ticket(args.path, tracking_uri=store)
     info = {"name": ticket.name, "sparsity": ticket.sparsity, **ticket.meta,
             "layer_densities": ticket.layer_densities()}
     print(json.dumps(info, indent=2, default=str))
@@ -451,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tickets = sub.add_parser("tickets", help="list tickets logged to MLflow")
     store_args(tickets)
-    tickets.add_argument("--job", help="only this job (experiment name)")
+    tickets.add_argument("--job", help="only this experiment (a job name: all its variants), or "
+                         "one job by its id <name>-<spec hash>")
     tickets.add_argument("--method", choices=_TicketMethods(), metavar="METHOD",
                          help="only the tickets of this method (any registered method that makes "
                          "tickets)")
@@ -500,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     ticket = sub.add_parser("ticket", help="show a ticket's metadata (verifies checksums)")
-    ticket.add_argument("path", help="ticket directory, or runs:/<run id>/tickets/<name>")
+    ticket.add_argument("path", help="ticket directory, or runs:/<run id>/tickets/<name> (as "
+                        "`ticketsearch tickets` lists them)")
+    store_args(ticket)
     ticket.set_defaults(func=cmd_ticket)
 
     bench = sub.add_parser("bench", help="benchmarks")

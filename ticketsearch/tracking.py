@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.parse
@@ -693,15 +694,22 @@ def _no_ticket(uri: str, reason: str) -> str:
 
 def list_tickets(uri: str, job: str | None = None, method: str | None = None,
                  min_sparsity: float = 0.0) -> list[dict[str, Any]]:
-    """Every ticket logged in the store (optionally of one job / method), sparsest first."""
+    """Every ticket logged in the store, sparsest first; ``job`` is an experiment name (every
+    job of it) or a job id ``<name>-<spec hash>`` (that job only)."""
     check_reachable(uri)
     client = client_for(uri)
     experiments = client.search_experiments()
-    if job is not None:
-        experiments = [e for e in experiments if e.name == job]
-        if not experiments:
-            raise TrackingError(f"no experiment named {job!r} in {uri}")
     query = "tags.has_ticket = 'true'"
+    if job is not None:
+        named = [e for e in experiments if e.name == job]
+        name, _, spec_hash = job.rpartition("-")
+        if not named and re.fullmatch(r"[0-9a-f]{12}", spec_hash):
+            named = experiments  # a job id: its runs are tagged with its spec hash
+            query += f" and tags.`ticketsearch.spec_hash` = '{spec_hash}'"
+        if not named:
+            raise TrackingError(f"no experiment named {job!r} and no job with that id in "
+                                f"{redact_uri(uri)}; `ticketsearch tickets` lists every job's")
+        experiments = named
     if method:
         query += f" and tags.method = '{method}'"
     rows = []
@@ -721,8 +729,11 @@ def _ticket_rows(client, run, experiment: str) -> list[dict[str, Any]]:
     rows = []
     for step, value in sorted(sparsity.items()):
         name = run.data.tags.get(f"ticket_name.{step}", f"step-{step}")
+        tags = run.data.tags
         rows.append({
-            "experiment": experiment, "method": run.data.tags.get("method"),
+            "experiment": experiment,
+            "job_id": f"{tags.get('ticketsearch.job')}-{tags.get('ticketsearch.spec_hash')}",
+            "method": tags.get("method"),
             "trial": run.info.run_name, "name": name, "sparsity": value,
             "val_acc": val.get(step), "test_acc": test.get(step), "run_id": run.info.run_id,
             "artifact": f"runs:/{run.info.run_id}/tickets/{name}",
