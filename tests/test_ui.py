@@ -75,21 +75,34 @@ def ui_job(tmp_path_factory):
     return job, summary, storage
 
 
-@pytest.fixture(scope="module")
-def ui_url(ui_job, tmp_path_factory):
-    """``ticketsearch ui`` on the job's storage, on a free loopback port; stopped after."""
-    _, _, storage = ui_job
+def start_ui(storage: Path, log: Path):
+    """``ticketsearch ui`` on ``storage`` and a free loopback port, in its own process
+    group: (process, base url), once it answers."""
     port = free_port()
     env = server_env()
     source_root = str(Path(ticketsearch.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
-    log = tmp_path_factory.mktemp("ui-log") / "ui.log"
     process = start_process([sys.executable, "-m", "ticketsearch.cli", "ui", "--storage",
                              str(storage), "--port", str(port)], log, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(url, process, log)
-        yield url
+    except RuntimeError:
+        stop_process_group(process)
+        raise
+    return process, url
+
+
+@pytest.fixture(scope="module")
+def ui_url(ui_job, tmp_path_factory):
+    """``ticketsearch ui`` on the job's storage: (base url, the link it printed); stopped
+    after."""
+    _, _, storage = ui_job
+    log = tmp_path_factory.mktemp("ui-log") / "ui.log"
+    process, url = start_ui(storage, log)
+    try:
+        (line,) = [x for x in log.read_text().splitlines() if x.startswith("MLflow UI: ")]
+        yield url, line.split("MLflow UI: ", 1)[1].strip()
     finally:
         stop_process_group(process)
 
@@ -110,8 +123,12 @@ def show_trial_runs(page, url: str, parent_name: str, trial_names: list[str]) ->
 
 
 def test_the_mlflow_ui_shows_the_job_and_its_runs(sync_playwright, ui_job, ui_url):
+    """The link `ticketsearch ui` prints opens the job's runs table in MLflow's
+    model-training view, not on the GenAI overview."""
     job, summary, _ = ui_job
+    base, link = ui_url
     experiment_id = summary["tracking"]["experiment_id"]
+    assert link == f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     parent_name = f"{job.name} {job.spec_hash()}"
     trial_names = [t.name for t in job.trials()]
     assert [t.method for t in job.trials()] == ["dense", "cs", "imp"]
@@ -124,16 +141,51 @@ def test_the_mlflow_ui_shows_the_job_and_its_runs(sync_playwright, ui_job, ui_ur
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(RENDER_TIMEOUT_MS)
             try:
-                text = show_trial_runs(page, f"{ui_url}/#/experiments/{experiment_id}/runs",
-                                       parent_name, trial_names)
+                text = show_trial_runs(page, link, parent_name, trial_names)
             finally:  # also when rendering failed: the screenshot shows how far it got
                 page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
     assert job.name in text and parent_name in text
+    assert "Model registry" in text and "Judges" not in text  # model training, not GenAI
     for name in trial_names:
         assert name in text
     assert "cs s0=0 λ=1e-08 β=200 seed=0" in text
     assert screenshot.stat().st_size > 10_000
     width, height = png_size(screenshot)
     assert width == VIEWPORT["width"] and height >= VIEWPORT["height"]
+
+
+def test_ui_refuses_a_port_that_is_taken(ui_job, capsys):
+    import socket
+
+    from ticketsearch.cli import main
+
+    _, _, storage = ui_job
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["ui", "--storage", str(storage), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port}" in err and "taken" in err
+
+
+def test_sigterm_stops_the_ui_and_its_server(ui_job, tmp_path):
+    import signal
+    import time
+
+    from servers import group_alive, is_healthy
+
+    _, _, storage = ui_job
+    process, url = start_ui(storage, tmp_path / "ui.log")
+    try:
+        process.send_signal(signal.SIGTERM)  # to `ticketsearch ui` alone, as a service manager
+        assert process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 15
+        while is_healthy(url) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not is_healthy(url)
+    finally:
+        stop_process_group(process)
+    assert not group_alive(process.pid)

@@ -204,21 +204,65 @@ def _store_uri(args) -> str:
 
 
 def cmd_ui(args) -> int:
-    import subprocess
-
-    from .tracking import artifact_root_for, redact_uri
+    """The MLflow UI on the local store: the link to the latest job's runs (or ``--job``'s)
+    printed; a port already taken is an error; SIGTERM / Ctrl-C stop the server."""
+    from .tracking import TrackingError, artifact_root_for, redact_uri, ui_link
 
     uri = _store_uri(args)
     if uri.startswith(("http://", "https://")):
-        print(f"the tracking server is already a UI: open {redact_uri(uri)}")
+        print(f"the tracking server is already a UI: open {ui_link(uri, redact_uri(uri), args.job)}")
         return 0
+    base = f"http://{args.host}:{args.port}"
+    link = ui_link(uri, base, args.job)
+    _check_port_free(args.host, args.port, TrackingError)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                "--host", args.host, "--port", str(args.port)]
     root = artifact_root_for(uri)
     if root:
         command += ["--default-artifact-root", root]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it")
-    return subprocess.call(command)
+    print(f"MLflow UI: {link}\n(store {uri}; all experiments at {base}); Ctrl-C stops it",
+          flush=True)
+    return _serve_until_stopped(command)
+
+
+def _check_port_free(host: str, port: int, error: type[Exception]) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise error(f"port {port} on {host} is taken ({err.strerror}): is another UI "
+                        "running? open it, or pass --port") from None
+
+
+def _serve_until_stopped(command: list[str]) -> int:
+    """Run ``command`` in its own process group until it exits or this process is told to
+    stop (SIGTERM, SIGINT), which stops the whole group."""
+    import os
+    import signal
+    import subprocess
+
+    server = subprocess.Popen(command, start_new_session=True)
+
+    def stop(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(timeout=10)
+                return
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = server.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if code in (0, -signal.SIGTERM, -signal.SIGKILL) else code
 
 
 def cmd_tickets(args) -> int:
@@ -451,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_args(ui)
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--job", help="link to this job's runs (experiment name or job id "
+                    "<name>-<hash>; default: the latest job)")
     ui.set_defaults(func=cmd_ui)
 
     tickets = sub.add_parser("tickets", help="list tickets logged to MLflow")

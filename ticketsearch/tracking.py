@@ -42,6 +42,7 @@ RUNS_PROGRESS_EVERY = 50  # a job creating many MLflow runs says how far it got
 
 
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+UI_VIEW = "workflowType=machine_learning"  # the MLflow UI's model-training view (not GenAI)
 
 
 class TrackingError(RuntimeError):
@@ -261,6 +262,28 @@ def _experiment_id(client, name: str, uri: str) -> str:
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def ui_link(uri: str, base: str, job: str | None = None) -> str:
+    """The MLflow UI page (under ``base``) of ``job``'s runs (an experiment name or a job id
+    ``<name>-<hash>``), else of the latest job's, in the model-training view (MLflow 3 opens
+    on its GenAI overview otherwise); ``base`` itself if the store has no job."""
+    client = client_for(uri)
+    query = "tags.`ticketsearch.kind` = 'job'"
+    if job is not None:
+        name, _, spec_hash = job.rpartition("-")
+        query += (f" and tags.`ticketsearch.spec_hash` = '{spec_hash}'"
+                  if re.fullmatch(r"[0-9a-f]{12}", spec_hash) else
+                  f" and tags.`ticketsearch.job` = '{job}'")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, query, max_results=1, order_by=["attributes.start_time DESC"]) \
+        if ids else []
+    if not runs:
+        if job is not None:
+            raise TrackingError(f"no job {job!r} in {redact_uri(uri)}; `ticketsearch tickets` "
+                                "lists the jobs with tickets")
+        return base
+    return f"{base}/#/experiments/{runs[0].info.experiment_id}/runs?{UI_VIEW}"
 
 
 def _start_parent(client, experiment_id: str, job, job_dir: Path,
