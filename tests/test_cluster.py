@@ -67,13 +67,21 @@ def test_the_progress_callback_pickles_once_print_is_patched(monkeypatch):
 def test_progress_table_shows_running_trials_and_finished_count():
     from ticketsearch.cluster import ProgressPrinter
 
-    lines = []
-    printer = ProgressPrinter({"a": "cs s0=0", "b": "imp global"}, lines.append, every_s=0)
+    lines, now = [], [1000.0]
+    printer = ProgressPrinter({"a": "cs s0=0", "b": "imp global", "c": "dense"}, lines.append,
+                              every_s=0, planned={"a": 510, "b": 2635, "c": 85},
+                              clock=lambda: now[0])
+    now[0] += 10
+    printer.result("a", {"step": 2, "epochs_planned": 510, "phase": "search", "round": 0,
+                         "sparsity": 0.5, "test_acc": 0.9})
+    now[0] += 50
     printer.result("a", {"step": 12, "epochs_planned": 510, "phase": "search", "round": 0,
                          "sparsity": 0.5, "test_acc": 0.9})
     printer.result("b", {"step": 2635, "epochs_planned": 2635, "phase": "done"})
     table = lines[-1]
-    assert "1/2 trials finished" in table
+    assert table.splitlines()[0] == ("1/3 trials finished, 1 running, 1 pending; epochs "
+                                     "2647/3230; elapsed 1:00, ETA 48:35; running:")
+    # 10 epochs in 50 s since the first result; 583 to go (b was done before this session)
     assert "cs s0=0" in table and "12/510" in table and "0.9000" in table
     rows = table.splitlines()[2:]
     assert len(rows) == 1 and "imp global" not in rows[0]
@@ -250,3 +258,11 @@ def test_a_run_tune_stops_early_is_an_interruption_not_a_finished_job(ray_local,
     assert main(["run", str(spec), "--storage", str(tmp_path / "runs"), "--no-tracking"]) == 130
     assert f"ticketsearch resume {root.name}" in capsys.readouterr().err
     assert not (root / "summary.json").exists() and not (root / "driver.lock").exists()
+
+
+def test_rerunning_a_finished_job_keeps_its_orchestration_costs(ray_local, tmp_path):
+    job = parse_job(tiny_job_dict(cs={"rounds": 1}) | {"resources": {"cpus": 1}})
+    first = run_job_on_ray(job, storage=tmp_path, echo=quiet, track=False)
+    again = run_job_on_ray(job, storage=tmp_path, echo=quiet, track=False)
+    assert first["orchestration"]["overhead_s"] >= 0
+    assert again["orchestration"] == first["orchestration"]  # nothing ran: no new costs

@@ -228,11 +228,17 @@ class ProgressPrinter:
     trial. Subclassing ``tune.Callback`` happens in ``make_progress`` (Ray imported lazily)."""
 
     def __init__(self, names: dict[str, str], echo: Callable[[str], None],
-                 every_s: float = PROGRESS_EVERY_S):
+                 every_s: float = PROGRESS_EVERY_S, planned: dict[str, int] | None = None,
+                 clock: Callable[[], float] = time.time):
         self.names = names
         self.echo = echo
         self.every_s = every_s
+        self.planned = planned or {}  # epochs per trial, for the ETA
+        self.clock = clock
         self.latest: dict[str, dict[str, Any]] = {}
+        self.started = clock()
+        self.first: float | None = None  # time of the first result: the ETA's rate from there
+        self.seen_at: dict[str, int] = {}  # each trial's epochs when first seen
         self.last_print = time.monotonic()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -241,19 +247,47 @@ class ProgressPrinter:
         ``builtins.print`` in this process); a restored printer prints."""
         return {**self.__dict__, "echo": None}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A printer restored with a resumed experiment times this session."""
+        self.__dict__.update(state)
+        self.started, self.first, self.seen_at = self.clock(), None, {}
+        self.last_print = time.monotonic()
+
     def say(self, text: str) -> None:
         (self.echo or print)(text)
 
     def result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.latest[trial_id] = result
+        self.seen_at.setdefault(trial_id, int(result.get("step", 0)))
+        if self.first is None:
+            self.first = self.clock()
         if time.monotonic() - self.last_print >= self.every_s:
             self.last_print = time.monotonic()
             self.say(self.table())
 
+    def epochs_done(self) -> int:
+        return sum(int(r.get("step", 0)) for r in self.latest.values())
+
+    def header(self) -> str:
+        """Trials finished / running / pending, epochs done of planned, elapsed, ETA."""
+        running = sum(r.get("phase") not in ("done", "error") for r in self.latest.values())
+        finished = len(self.latest) - running
+        line = (f"{finished}/{len(self.names)} trials finished, {running} running, "
+                f"{len(self.names) - len(self.latest)} pending")
+        now, done, planned = self.clock(), self.epochs_done(), sum(self.planned.values())
+        if planned:
+            line += f"; epochs {done}/{planned}"
+        line += f"; elapsed {_clock(now - self.started)}"
+        trained = done - sum(self.seen_at.values())  # in this session, since first seen
+        if planned and self.first is not None and trained > 0:
+            rate = trained / max(now - self.first, 1e-9)
+            line += f", ETA {_clock(max(planned - done, 0) / rate)}"
+        return line
+
     def table(self) -> str:
-        running = {k: r for k, r in self.latest.items() if r.get("phase") != "done"}
-        finished = len(self.latest) - len(running)
-        lines = [f"{finished}/{len(self.names)} trials finished; running:",
+        running = {k: r for k, r in self.latest.items()
+                   if r.get("phase") not in ("done", "error")}
+        lines = [self.header() + "; running:",
                  f"{'trial':44} {'epochs':>11} {'phase':8} {'round':>5} {'sparsity':>8} "
                  f"{'test acc':>8}"]
         for trial_id, r in sorted(running.items()):
@@ -279,7 +313,15 @@ class ProgressPrinter:
                   "resources.max_failures allows)")
 
 
-def make_progress(names: dict[str, str], echo: Callable[[str], None]):
+def _clock(seconds: float) -> str:
+    """``1:02:03`` / ``2:03``."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def make_progress(names: dict[str, str], echo: Callable[[str], None],
+                  planned: dict[str, int] | None = None):
     """The Tune callback printing the job's progress. Tune pickles it into its experiment
     state (cloudpickle, by value, since the class is made here): nothing of it may close over
     ``echo`` (``print`` pickles by reference and fails once ``builtins.print`` is patched), so
@@ -299,7 +341,7 @@ def make_progress(names: dict[str, str], echo: Callable[[str], None]):
         def on_trial_error(self, iteration, trials, trial, **info):
             self.printer.error(_trial_id(trial))
 
-    return _Callback(ProgressPrinter(names, echo))
+    return _Callback(ProgressPrinter(names, echo, planned=planned))
 
 
 def _trial_id(trial) -> str:
@@ -313,7 +355,7 @@ def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = (),
     failure) when there is one and ``restore``, else a new one (an old one moved aside)."""
     from ray import tune
 
-    from .methods import get_method
+    from .methods import get_method, planned_epochs
 
     methods = {name: get_method(name) for name in run.spec.methods}
     trainable = tune.with_parameters(trial_function, job_dir=str(run.root.resolve()),
@@ -332,7 +374,8 @@ def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = (),
     run_config = tune.RunConfig(
         name="tune", storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=run.spec.resources.max_failures),
-        callbacks=[make_progress({t.trial_id: t.name for t in run.trials}, echo)],
+        callbacks=[make_progress({t.trial_id: t.name for t in run.trials}, echo,
+                                 {t.trial_id: planned_epochs(t) for t in run.trials})],
     )
     configs = [{"trial_id": t.trial_id, "spec": t.to_json()} for t in pending]
     # Reusing trial actors saves each trial's process start-up and imports (~7 s here).
@@ -371,8 +414,10 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
         check_resources_fit(run.trials, node_capacities())
     run.open(ray_address=address, note=f"; Ray started in {startup_s:.1f}s")
     try:
+        ran = bool(run.unfinished())  # orchestration costs only of a session that trained
         failed = _run_trials(run, echo, code_paths)
-        outcome = run.close("FAILED" if failed else "FINISHED", failed, startup_s)
+        outcome = run.close("FAILED" if failed else "FINISHED", failed,
+                            startup_s if ran else None)
     finally:
         run.release()
     if failed:

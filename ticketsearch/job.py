@@ -139,6 +139,13 @@ class JobRun:
         self.echo(f"job {self.spec.name} ({self.spec.spec_hash()}) -> {self.root}{note}")
         self.started = time.time()
 
+    def _orchestration(self, trials, driver_wall_s: float, ray_startup_s: float | None):
+        """This session's orchestration costs when it trained under Ray (``ray_startup_s``
+        given), else those recorded by the session that did."""
+        if ray_startup_s is None:
+            return _previous_orchestration(self.root)
+        return orchestration_costs(trials, driver_wall_s, ray_startup_s)
+
     def release(self) -> None:
         """Give up the job directory's lock (call once the job ended, however it ended)."""
         self.lock.release()
@@ -164,8 +171,7 @@ class JobRun:
         record = JobRecord(
             job=self.spec.name, spec_hash=self.spec.spec_hash(), job_dir=str(self.root),
             status=status, driver_wall_s=driver_wall_s, makespan_s=makespan(trials),
-            orchestration=None if ray_startup_s is None else
-            orchestration_costs(trials, driver_wall_s, ray_startup_s),
+            orchestration=self._orchestration(trials, driver_wall_s, ray_startup_s),
             failed_trials=list(failed), tracking=self.tracker.describe(), trials=trials)
         write_text_atomic(self.root / "summary.json", record_json(record))
         report = None if failed else make_report(self.root, self.echo)
@@ -179,6 +185,15 @@ class JobRun:
                       f"nothing is lost: it waits in the job directory. Once the server is "
                       f"back, send it with `ticketsearch sync {self.root}`")
         return record.model_dump(mode="json") | {"report": report, "unsent": unsent}
+
+
+def _previous_orchestration(root: Path):
+    """The orchestration costs the job's summary already holds (from the session that
+    trained its trials), or None."""
+    from .records import read_record
+
+    earlier = read_record(root / "summary.json", JobRecord)
+    return None if earlier is None else earlier.orchestration
 
 
 def trial_errors() -> tuple[type[BaseException], ...]:
