@@ -58,6 +58,46 @@ def test_report_files_and_plots_are_written(quickstart):
         assert data.startswith(PNG) and len(data) > 5000, name
     markdown = (folder / "report.md").read_text()
     assert "| cs |" in markdown and "| imp |" in markdown and "![Pareto frontier]" in markdown
+    page = (folder / "report.html").read_text()  # renders in MLflow's artifact view
+    assert page.count('src="data:image/png;base64,') == 3 and "](pareto.png)" not in page
+    assert "| cs |" in page and "Tickets are chosen on validation accuracy" in page
+
+
+def test_figures_show_remaining_weights_on_a_log_axis_and_label_every_ticket(quickstart):
+    import matplotlib.pyplot as plt
+
+    from ticketsearch.report import cost_figure, pareto_figure, timeline_figure
+
+    report = quickstart[1]["report"]
+    pareto = pareto_figure(report)
+    ax = pareto.axes[0]
+    assert ax.get_xscale() == "log" and ax.xaxis_inverted()  # sparser to the right
+    labels = [text.get_text() for text in ax.texts]
+    scored = sum(t["test_acc"] is not None for m in report["methods"].values()
+                 for t in m["tickets"])
+    assert len(labels) == scored
+    assert {f"r{k}" for k in range(1, 31)} <= set(labels)  # the IMP rounds
+    assert sum(label.startswith("target=") for label in labels) == 5  # the CS targets
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"cs tickets", "cs frontier", "imp tickets", "imp frontier", "dense"} <= set(legend)
+    cost = cost_figure(report)
+    assert {"search, critical path", "retraining, critical path", "search, total",
+            "retraining, total"} <= {t.get_text() for t in cost.axes[0].get_legend().get_texts()}
+    timeline = timeline_figure(report)
+    assert {t.get_text() for t in timeline.axes[0].get_legend().get_texts()} >= {"cs", "imp"}
+    for fig in (pareto, cost, timeline):
+        plt.close(fig)
+
+
+def test_ticket_labels_name_what_differs_between_trials():
+    from ticketsearch.report import ticket_labels
+
+    tickets = [{"trial_id": "cs-s0=-0.1-lam=1e-08-beta=200-seed=0", "name": "final"},
+               {"trial_id": "cs-s0=0-lam=1e-08-beta=200-seed=0", "name": "final"},
+               {"trial_id": "imp-global-p=0.2-seed=0", "name": "round-01", "round": 1},
+               {"trial_id": "imp-global-p=0.2-seed=0", "name": "round-02", "round": 2}]
+    assert ticket_labels(tickets[:2]) == ["s0=-0.1", "s0=0"]
+    assert ticket_labels(tickets[2:]) == ["r1", "r2"]
 
 
 def test_report_regenerates_from_mlflow_alone(quickstart, tmp_path, capsys):

@@ -7,6 +7,7 @@ a job whose directory is gone (``--experiment`` / ``--run``).
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .jobdir import read_result
 from .records import JobRecord, TrialRecord, read_record
 
 COLORS = {"cs": "#1f77b4", "imp": "#d62728", "rigl": "#2ca02c", "dense": "#7f7f7f"}
+SELECTED_ON = {"val_acc": "validation", "test_acc": "test"}  # report["selected_on"] in words
 
 __all__ = ["REPORT_SCHEMA", "ReportError", "build_report", "format_markdown", "format_summary",
            "record_from_job_dir", "record_from_mlflow", "report_job", "write_report"]
@@ -168,8 +170,9 @@ def format_markdown(report: dict[str, Any]) -> str:
     job, dense = report["job"], report["dense"]
     out = [f"# Report: {job['name']} ({job['spec_hash']})", "",
            f"Dense baseline test accuracy: **{_fmt(dense['test_acc'])}** "
-           f"({dense['source'] or 'no dense baseline in this job'}). Matching tickets: test "
-           f"accuracy ≥ dense − {report['tolerance']} (over seeds: the mean). Job makespan: "
+           f"({dense['source'] or 'no dense baseline in this job'}). Matching tickets: "
+           f"{SELECTED_ON[report['selected_on']]} accuracy ≥ dense − {report['tolerance']} "
+           "(over seeds: the mean). Job makespan: "
            f"{_fmt(report['makespan_s'], 1)} s.{_test_split_note(report)}", "",
            "## Cost per method (from the ledgers: epochs trained, seconds spent)", "",
            "| method | trials | tickets | search epochs (critical path / total) | retraining "
@@ -222,7 +225,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 def selection_rule(report: dict[str, Any]) -> str:
     """The rule by which tickets are chosen, in words (report.md states it)."""
-    on = {"val_acc": "validation", "test_acc": "test"}[report["selected_on"]]
+    on = SELECTED_ON[report["selected_on"]]
     rule = (f"Tickets are chosen on {on} accuracy: a ticket *matches* when its {on} accuracy "
             f"is at least the dense baseline's minus {report['tolerance']:g}; the *sparsest "
             f"matching* ticket and the *frontier* (no other ticket both sparser and more "
@@ -314,27 +317,87 @@ def _pyplot():
     return plt
 
 
-def plot_pareto(report: dict[str, Any], path: Path) -> None:
+REMAINING_TICKS = [100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05]
+
+
+def remaining_pct(sparsity: float) -> float:
+    """% of masked weights a ticket keeps (kept above 0 for the log axis)."""
+    return max(100.0 * (1.0 - sparsity), 0.01)
+
+
+def ticket_labels(tickets: list[dict[str, Any]]) -> list[str]:
+    """A short label per ticket: the settings that differ between the method's trials
+    (``target=0.893``, ``s0=-0.1``), and the round when a trial has several tickets."""
+    settings = [dict(SETTING.findall(t["trial_id"])) for t in tickets]
+    varying = [k for k in dict.fromkeys(k for d in settings for k in d)
+               if len({d.get(k) for d in settings}) > 1]
+    per_trial: dict[str, int] = {}
+    for t in tickets:
+        per_trial[t["trial_id"]] = per_trial.get(t["trial_id"], 0) + 1
+    labels = []
+    for t, d in zip(tickets, settings):
+        parts = [f"{k}={_short(d[k])}" for k in varying if k in d]
+        if per_trial[t["trial_id"]] > 1 and t.get("round") is not None:
+            parts.append(f"r{t['round']}")
+        labels.append(" ".join(parts) or t["name"])
+    return labels
+
+
+def _short(value: str) -> str:
+    """A setting's value for a label: numbers to 3 significant digits."""
+    try:
+        return f"{float(value):.3g}"
+    except ValueError:
+        return value
+
+
+SETTING = re.compile(r"([A-Za-z][A-Za-z0-9_]*)=(-?[0-9.]+(?:e-?[0-9]+)?|[A-Za-z0-9_.]+)")
+
+
+def pareto_figure(report: dict[str, Any]):
+    """Test accuracy against % of weights remaining (log axis, sparser to the right), every
+    ticket labelled by its setting, each method's frontier (chosen on validation accuracy)
+    drawn, the dense baseline dashed."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, m in report["methods"].items():
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    for index, (name, m) in enumerate(report["methods"].items()):
         scored = [t for t in m["tickets"] if t["test_acc"] is not None]
         color = COLORS.get(name, "#9467bd")
-        ax.scatter([t["sparsity"] for t in scored], [t["test_acc"] for t in scored], s=18,
-                   alpha=0.5, color=color)
+        ax.scatter([remaining_pct(t["sparsity"]) for t in scored],
+                   [t["test_acc"] for t in scored], s=18, alpha=0.5, color=color,
+                   label=f"{name} tickets")
+        above = index % 2 == 0  # methods' labels on alternate sides of their points
+        for t, label in zip(scored, ticket_labels(scored)):
+            ax.annotate(label, (remaining_pct(t["sparsity"]), t["test_acc"]), fontsize=6,
+                        color=color, xytext=(2, 4 if above else -9),
+                        textcoords="offset points")
         _error_bars(ax, m["groups"], color)
-        ax.plot([t["sparsity"] for t in m["pareto"]], [t["test_acc"] for t in m["pareto"]],
+        front = [t for t in m["pareto"] if t["test_acc"] is not None]
+        ax.plot([remaining_pct(t["sparsity"]) for t in front], [t["test_acc"] for t in front],
                 marker="o", color=color, label=f"{name} frontier")
     if report["dense"]["test_acc"] is not None:
         ax.axhline(report["dense"]["test_acc"], color=COLORS["dense"], linestyle="--",
                    label="dense")
-    ax.set_xlabel("sparsity (fraction of masked weights pruned)")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xticks(REMAINING_TICKS, [f"{v:g}%" for v in REMAINING_TICKS])
+    ax.minorticks_off()
+    ax.set_xlabel("masked weights remaining (log scale; sparsity = 1 - remaining)")
     ax.set_ylabel("test accuracy after retraining")
-    ax.set_title(f"{report['job']['name']}: tickets")
-    ax.legend()
+    ax.set_title(f"{report['job']['name']}: tickets (frontier chosen on "
+                 f"{report['selected_on'].replace('_acc', '')} accuracy)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> None:
+    _save(pareto_figure(report), path)
+
+
+def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def _error_bars(ax, groups: list[dict[str, Any]], color: str) -> None:
@@ -349,62 +412,112 @@ def _error_bars(ax, groups: list[dict[str, Any]], color: str) -> None:
                 fmt="s", ms=4, capsize=3, color=color, alpha=0.9)
 
 
-def plot_cost(report: dict[str, Any], path: Path) -> None:
+def cost_figure(report: dict[str, Any]):
+    """Per method: epochs (search and retraining stacked) and wall-clock, each as critical
+    path and total."""
     plt = _pyplot()
     names = list(report["methods"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for ax, key, label in ((axes[0], "search_epochs", "search epochs"),
-                           (axes[1], "wall_clock_s", "wall-clock s")):
-        width = 0.38
-        xs = range(len(names))
-        crit = [report["methods"][n][key]["critical_path"] for n in names]
-        total = [report["methods"][n][key]["total"] for n in names]
-        ax.bar([x - width / 2 for x in xs], crit, width, label="critical path", color="#444")
-        ax.bar([x + width / 2 for x in xs], total, width, label="total", color="#aaa")
-        ax.set_xticks(list(xs), names)
+    methods_ = report["methods"]
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9))
+    width, xs = 0.38, list(range(len(names)))
+    for offset, part, shade in ((-width / 2, "critical_path", "#444"),
+                                (width / 2, "total", "#aaa")):
+        at = [x + offset for x in xs]
+        search = [methods_[n]["search_epochs"][part] for n in names]
+        retrain = [methods_[n]["retrain_epochs"][part] for n in names]
+        axes[0].bar(at, search, width, color=shade, label=f"search, {part.replace('_', ' ')}")
+        axes[0].bar(at, retrain, width, bottom=search, color=shade, hatch="//", alpha=0.6,
+                    edgecolor="white", label=f"retraining, {part.replace('_', ' ')}")
+        for x, a, b in zip(at, search, retrain):
+            axes[0].annotate(f"{a:g}+{b:g}", (x, a + b), ha="center", va="bottom", fontsize=7)
+        walls = [methods_[n]["wall_clock_s"][part] for n in names]
+        axes[1].bar(at, walls, width, color=shade, label=part.replace("_", " "))
+        for x, value in zip(at, walls):
+            axes[1].annotate(f"{value:.0f}", (x, value), ha="center", va="bottom", fontsize=7)
+    for ax, label in ((axes[0], "epochs trained"), (axes[1], "wall-clock s (whole trials)")):
+        ax.set_xticks(xs, names)
         ax.set_ylabel(label)
-        for x, value in zip(xs, crit):
-            ax.annotate(f"{value:g}" if key == "search_epochs" else f"{value:.0f}",
-                        (x - width / 2, value), ha="center", va="bottom", fontsize=8)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     fig.suptitle(f"{report['job']['name']}: cost per method")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_timeline(report: dict[str, Any], path: Path) -> None:
+def plot_cost(report: dict[str, Any], path: Path) -> None:
+    _save(cost_figure(report), path)
+
+
+def timeline_figure(report: dict[str, Any]):
+    """Every trial attempt as a bar over wall-clock, coloured by method (legend)."""
     plt = _pyplot()
     rows = report["timeline"]
     labels = sorted({r["trial"] for r in rows}, key=lambda n: min(
         r["start_s"] for r in rows if r["trial"] == n))
-    fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(labels), 3) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(labels), 3) + 1.4))
+    seen = set()
     for r in rows:
         y = labels.index(r["trial"])
+        method = r["method"]
         ax.barh(y, r["end_s"] - r["start_s"], left=r["start_s"],
-                color=COLORS.get(r["method"], "#9467bd"))
+                color=COLORS.get(method, "#9467bd"), label=None if method in seen else method)
+        seen.add(method)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first trial started")
-    ax.set_title("trials over wall-clock (bars: attempts)")
+    ax.set_title("trials over wall-clock (a bar per attempt)")
+    if seen:
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_timeline(report: dict[str, Any], path: Path) -> None:
+    _save(timeline_figure(report), path)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Validate, then write report.json, report.md and the three plots into ``out_dir``."""
+    """Validate, then write report.json, report.md, the three plots and report.html (the
+    same report with the plots inside: what MLflow's artifact view renders) into
+    ``out_dir``."""
     validate_report(report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "report.json", out_dir / "report.md", out_dir / "pareto.png",
-             out_dir / "cost.png", out_dir / "timeline.png"]
+             out_dir / "cost.png", out_dir / "timeline.png", out_dir / "report.html"]
     paths[0].write_text(json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    paths[1].write_text(format_markdown(report))
+    markdown = format_markdown(report)
+    paths[1].write_text(markdown)
     plot_pareto(report, paths[2])
     plot_cost(report, paths[3])
     plot_timeline(report, paths[4])
+    paths[5].write_text(format_html(report, markdown, paths[2:5]))
     return paths
+
+
+def format_html(report: dict[str, Any], markdown: str, plots: list[Path]) -> str:
+    """report.md as a page that needs nothing beside it: its text as it is, each image link
+    replaced by the image itself."""
+    import base64
+    import html
+
+    images = {f"![{alt}]({path.name})": path for alt, path in
+              zip(("Pareto frontier", "Cost", "Timeline"), plots)}
+    parts, text = [], []
+    for line in markdown.splitlines():
+        if line in images:
+            parts.append(f"<pre>{html.escape(chr(10).join(text))}</pre>")
+            data = base64.b64encode(images[line].read_bytes()).decode()
+            parts.append(f'<img alt="{html.escape(line[2:line.index("]")])}" '
+                         f'src="data:image/png;base64,{data}" style="max-width:100%">')
+            text = []
+        else:
+            text.append(line)
+    parts.append(f"<pre>{html.escape(chr(10).join(text))}</pre>")
+    title = html.escape(f"{report['job']['name']} {report['job']['spec_hash']}: report")
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title>"
+            "<style>body{font-family:sans-serif;margin:1.5em}pre{white-space:pre-wrap;"
+            "font-size:13px}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
 
 
 def report_job(job_dir: Path, out_dir: Path | None = None, tolerance: float = 0.01,
