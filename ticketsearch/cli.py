@@ -118,8 +118,9 @@ def _print_outcome(outcome: dict) -> int:
         print(format_summary(outcome["report"]))
     print(f"results in {outcome['job_dir']}")
     if outcome.get("unsent"):
-        print(f"the tracking server is missing some of this job ({', '.join(outcome['unsent'])})"
-              f"; send it with `ticketsearch sync {outcome['job_dir']}`", file=sys.stderr)
+        print(f"the tracking server did not receive everything ({', '.join(outcome['unsent'])})"
+              f"; nothing is lost, it waits in the job directory: once the server is back, "
+              f"send it with `ticketsearch sync {outcome['job_dir']}`", file=sys.stderr)
         return EXIT_UNSENT
     return 0
 

@@ -414,10 +414,8 @@ def run_job_on_ray(job: JobSpec, storage: str | Path | None = None, address: str
         check_resources_fit(run.trials, node_capacities())
     run.open(ray_address=address, note=f"; Ray started in {startup_s:.1f}s")
     try:
-        ran = bool(run.unfinished())  # orchestration costs only of a session that trained
         failed = _run_trials(run, echo, code_paths)
-        outcome = run.close("FAILED" if failed else "FINISHED", failed,
-                            startup_s if ran else None)
+        outcome = run.close("FAILED" if failed else "FINISHED", failed, startup_s)
     finally:
         run.release()
     if failed:

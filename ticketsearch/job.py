@@ -118,6 +118,7 @@ class JobRun:
         self.root = job_dir(storage, spec.name, spec.spec_hash())
         self.lock = JobLock(self.root)
         self.lock.check_free("run it")  # before Ray starts or anything is written
+        self.trains = True  # whether this session has trials to train (known once open)
         self.started = time.time()
 
     def open(self, ray_address: str | None = None, note: str = "") -> None:
@@ -137,13 +138,17 @@ class JobRun:
         if line:
             self.echo(line)
         self.echo(f"job {self.spec.name} ({self.spec.spec_hash()}) -> {self.root}{note}")
+        self.trains = bool(self.unfinished())
         self.started = time.time()
 
     def _orchestration(self, trials, driver_wall_s: float, ray_startup_s: float | None):
-        """This session's orchestration costs when it trained under Ray (``ray_startup_s``
-        given), else those recorded by the session that did."""
-        if ray_startup_s is None:
+        """The orchestration costs of this session when it trained trials under Ray
+        (``ray_startup_s`` given); those of the session that trained them when this one
+        trained nothing; else none."""
+        if not self.trains:
             return _previous_orchestration(self.root)
+        if ray_startup_s is None:
+            return None
         return orchestration_costs(trials, driver_wall_s, ray_startup_s)
 
     def release(self) -> None:
@@ -180,10 +185,6 @@ class JobRun:
             self.tracker.close(self.root, status)
         except Exception:
             unsent.append("parent run")
-        if unsent:
-            self.echo(f"the tracking server did not receive everything ({', '.join(unsent)}); "
-                      f"nothing is lost: it waits in the job directory. Once the server is "
-                      f"back, send it with `ticketsearch sync {self.root}`")
         return record.model_dump(mode="json") | {"report": report, "unsent": unsent}
 
 
