@@ -198,6 +198,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete line of a JSON-lines file, in order ([] if it does not exist); a line
+    cut short by a crash while it was written is left out."""
+    if not Path(path).exists():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` via a temporary file and an atomic rename."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
@@ -253,7 +267,7 @@ class TrialDirHooks(Hooks):
         """The last checkpoint, or None. Events logged after it are dropped (they will be
         logged again when the lost epochs are retrained); their count is remembered."""
         if not self.checkpoint_path.exists():
-            self._windows = _attempt_windows(self._event_lines())
+            self._windows = _attempt_windows(read_jsonl(self.events_path))
             self.events_path.unlink(missing_ok=True)
             return None
         try:
@@ -268,22 +282,10 @@ class TrialDirHooks(Hooks):
         self._truncate_events(state)
         return state
 
-    def _event_lines(self) -> list[dict[str, Any]]:
-        """Every complete line of ``events.jsonl`` (a line cut short by a crash is left out)."""
-        if not self.events_path.exists():
-            return []
-        lines = []
-        for line in self.events_path.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return lines
-
     def _truncate_events(self, state: dict[str, Any]) -> None:
         """Keep only the events the checkpoint already accounts for (and every attempt's
         start); remember how many epochs were reported and when each attempt was alive."""
-        events = self._event_lines()
+        events = read_jsonl(self.events_path)
         self._windows = _attempt_windows(events)
         limits = {"epoch": len(state["ledger"]["entries"]), "round": len(state["rounds"]),
                   "ticket": len(state["tickets"])}

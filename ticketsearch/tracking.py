@@ -432,20 +432,11 @@ class RunLogger:
         if self.sent_path.exists():
             saved = json.loads(self.sent_path.read_text())
             marks = {"step": saved["step"], "keys": set(saved["keys"])}
-        for op in self._journal_ops():
+        from .jobdir import read_jsonl
+
+        for op in read_jsonl(self.journal):  # handed over, maybe not yet sent
             self._merge(marks, op.get("mark"))
         return marks
-
-    def _journal_ops(self) -> list[dict[str, Any]]:
-        if not self.journal.exists():
-            return []
-        ops = []
-        for line in self.journal.read_text().splitlines():
-            try:
-                ops.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash: never sent
-                continue
-        return ops
 
     @staticmethod
     def _merge(marks: dict[str, Any], mark: dict[str, Any] | None) -> None:
