@@ -1,33 +1,76 @@
 """On-disk format of a ticket: the artifact users keep.
 
-A ticket is a directory holding three files:
+A ticket (format version 3, the one the writer writes) is a directory holding:
 
 ``ticket.json``
-    UTF-8 JSON, indented, keys sorted. The writer owns the keys in ``WRITER_KEYS``
-    (format version, mask and state indexes, sparsity totals, sha256 checksums); the
-    caller's metadata (method, settings, model, dataset, rewind epoch, accuracy, ...)
-    is merged into the same top-level object. ``meta_sha256`` is the sha256 (hex) of the
-    canonical JSON of every other top-level key: ``json.dumps(rest, sort_keys=True,
-    separators=(",", ":"), ensure_ascii=False)`` encoded as UTF-8. It covers the caller's
-    metadata and the writer's keys alike (indexes with names, shapes, numel, dtypes,
-    offsets and sizes; totals; the two file checksums), so any edit of ticket.json is
-    detected, while re-indenting or reordering its keys is not an edit.
+    UTF-8 JSON, indented, keys sorted. The writer owns the keys in ``WRITER_KEYS``; the
+    caller's metadata (method, settings, model, dataset, rewind epoch, accuracy, ...) is
+    merged into the same top-level object. The writer's keys:
+
+    ``format_version``
+        3.
+    ``masks``
+        The mask index, one entry per mask in ``masks.bin`` order: ``name``, ``shape``,
+        ``numel``, ``density`` (kept / numel), ``offset`` and ``nbytes`` in ``masks.bin``.
+    ``sparsity``, ``total_masked``, ``total_kept``
+        Totals over every mask: pruned fraction, weights masked, weights kept.
+    ``mask_sha256``
+        sha256 (hex) of the bytes of ``masks.bin``.
+    ``state``
+        The index of the rewind-point state, one entry per tensor in the caller's order:
+        ``name``, ``dtype`` (a key of ``DTYPES``) and ``shape`` (a list, ``[]`` for 0-d).
+    ``state_sha256``
+        sha256 (hex) of the bytes of ``rewind.safetensors``.
+    ``trained``
+        Only in a ticket holding trained weights: the index of ``trained.safetensors``,
+        entries as in ``state``.
+    ``trained_sha256``
+        Only beside ``trained``: sha256 (hex) of the bytes of ``trained.safetensors``.
+    ``meta_sha256``
+        sha256 (hex) of the canonical JSON of every other top-level key: ``json.dumps(rest,
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` encoded as UTF-8. It
+        covers the caller's metadata and the writer's keys alike (indexes, totals, file
+        checksums), so any edit of ticket.json is detected, while re-indenting or
+        reordering its keys is not an edit.
 ``masks.bin``
     The binary masks, 1 bit per weight: ``numpy.packbits`` (big bit order) of each
     flattened C-order bool mask. Every mask starts on a byte boundary; masks follow the
     order of ``ticket.json["masks"]`` with no gaps. Padding bits past ``numel`` are zero.
-``state.bin``
-    The rewind-point state: the raw little-endian bytes of every tensor, concatenated in
-    the order of ``ticket.json["state"]``, each starting at an 8-byte aligned offset
-    (zero bytes fill the gaps); the file ends with the last tensor's last byte.
+``rewind.safetensors``
+    The rewind-point state as a safetensors file (https://github.com/huggingface/safetensors:
+    an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape
+    and data offsets, then the raw little-endian tensor bytes). It holds exactly the
+    tensors of ``ticket.json["state"]``, with the same names, dtypes and shapes.
+``trained.safetensors``
+    Optional (present exactly when ticket.json has ``trained``): the retrained sparse
+    model behind the ticket's reported accuracy, as its plain state dict (parameter and
+    buffer names, masks already multiplied in, so pruned weights are zeros), in the same
+    safetensors layout, matching ``ticket.json["trained"]``.
 
-Format versions: the writer writes version 2. Version 1 is version 2 without
-``meta_sha256`` (its metadata is not checksummed); the reader still reads it.
+The files every ticket of version 3 holds are ``TICKET_FILES``; ``trained.safetensors``
+(``TRAINED_FILE``) comes on top when the ticket has trained weights. A
+``trained.safetensors`` that ticket.json does not record is not part of the ticket and is
+never read.
 
-Before decoding anything the reader checks every index entry against the sizes of the
-binary files, so a damaged or crafted index cannot make it allocate more than the files
-hold. Nothing here pickles or unpickles: the format is plain JSON plus raw bytes, and every
-problem found while reading raises ``TicketFormatError`` naming the file at fault.
+Older versions, which the reader still reads (``SUPPORTED_FORMAT_VERSIONS``):
+
+* Version 2 keeps the state in ``state.bin`` instead of ``rewind.safetensors``: the raw
+  little-endian bytes of every tensor, concatenated in the order of ``ticket.json["state"]``,
+  each starting at an 8-byte aligned offset (zero bytes fill the gaps), the file ending
+  with the last tensor's last byte. Its ``state`` entries carry ``offset`` and ``nbytes``
+  (in ``state.bin``) besides ``name``, ``dtype`` and ``shape``, and ``state_sha256`` is
+  the sha256 of ``state.bin``. It has no trained weights; ``trained`` and
+  ``trained_sha256``, if present, are the caller's metadata.
+* Version 1 is version 2 without ``meta_sha256`` (its metadata is not checksummed).
+
+Reading verifies before decoding. Every index entry of ``masks.bin`` and ``state.bin`` is
+checked against the size of its file before anything is read, so a damaged or crafted
+index cannot make the reader allocate more than the files hold. A safetensors file is read
+whole, its sha256 checked against ticket.json, and only then its header is parsed and
+compared with the ticket.json index (names, dtypes, shapes) before
+``safetensors.torch.load`` decodes any tensor. Nothing here pickles or unpickles: the
+format is plain JSON, raw bytes and safetensors, and every problem found while reading
+raises ``TicketFormatError`` naming the file at fault.
 """
 
 from __future__ import annotations
@@ -39,21 +82,33 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS: tuple[int, ...] = (1, 2, 3)
 
 TICKET_JSON = "ticket.json"
 MASKS_BIN = "masks.bin"
+REWIND_FILE = "rewind.safetensors"
+TRAINED_FILE = "trained.safetensors"
+# The state file of versions 1 and 2.
 STATE_BIN = "state.bin"
-TICKET_FILES: tuple[str, ...] = (TICKET_JSON, MASKS_BIN, STATE_BIN)
+# The files every ticket of the writer's version holds (TRAINED_FILE comes on top).
+TICKET_FILES: tuple[str, ...] = (TICKET_JSON, MASKS_BIN, REWIND_FILE)
+_FILES_BY_VERSION: dict[int, tuple[str, ...]] = {
+    1: (TICKET_JSON, MASKS_BIN, STATE_BIN),
+    2: (TICKET_JSON, MASKS_BIN, STATE_BIN),
+    3: TICKET_FILES,
+}
 
+# Alignment of every tensor in state.bin (versions 1 and 2).
 STATE_ALIGNMENT = 8
 
 WRITER_KEYS: frozenset[str] = frozenset(
@@ -66,12 +121,16 @@ WRITER_KEYS: frozenset[str] = frozenset(
         "mask_sha256",
         "state",
         "state_sha256",
+        "trained",
+        "trained_sha256",
         "meta_sha256",
     }
 )
 META_SHA256 = "meta_sha256"
-# Writer keys that every supported version has; version 2 adds META_SHA256.
-_BASE_KEYS: frozenset[str] = WRITER_KEYS - {META_SHA256}
+TRAINED_KEYS: frozenset[str] = frozenset({"trained", "trained_sha256"})
+# Writer keys that every supported version has; version 2 adds META_SHA256, and a version-3
+# ticket with trained weights TRAINED_KEYS.
+_BASE_KEYS: frozenset[str] = WRITER_KEYS - {META_SHA256} - TRAINED_KEYS
 # Largest accepted dimension: keeps every size computation within int64.
 _MAX_DIM = 2**62
 
@@ -88,6 +147,21 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+# The dtype codes of safetensors headers, by the names of DTYPES.
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+# The header key safetensors keeps for its own string metadata; no tensor may be named so.
+_SAFETENSORS_METADATA = "__metadata__"
 
 _DENSITY_TOLERANCE = 1e-9
 
@@ -172,7 +246,7 @@ def unpack_mask(data: bytes, shape: Sequence[int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Raw tensor bytes
+# Raw tensor bytes (state.bin of format versions 1 and 2)
 # ---------------------------------------------------------------------------
 
 
@@ -258,35 +332,55 @@ def _encode_masks(
     return entries, b"".join(chunks), total_masked, total_kept
 
 
-def _encode_state(state: Mapping[str, torch.Tensor]) -> tuple[list[dict[str, Any]], bytes]:
-    """Serialise every state tensor; return (index entries, state.bin payload)."""
-    _check_names(state, "state")
-    entries: list[dict[str, Any]] = []
-    payload = bytearray()
-    for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"state '{name}' must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.layout != torch.strided:
-            raise ValueError(f"state '{name}' must be a dense tensor, got layout {tensor.layout}")
-        if tensor.dtype not in DTYPE_NAMES:
-            raise ValueError(
-                f"state '{name}' has dtype {tensor.dtype}, which the ticket format does not "
-                f"store; supported dtypes: {sorted(DTYPES)}"
-            )
-        raw = tensor_to_bytes(tensor)
-        offset = _align(len(payload))
-        payload.extend(bytes(offset - len(payload)))
-        payload.extend(raw)
-        entries.append(
-            {
-                "name": name,
-                "dtype": DTYPE_NAMES[tensor.dtype],
-                "shape": list(tensor.shape),
-                "offset": offset,
-                "nbytes": len(raw),
-            }
+def _check_tensor(name: str, tensor: Any, what: str) -> None:
+    """``tensor`` must be a dense tensor of a dtype in ``DTYPES``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{what} '{name}' must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"{what} '{name}' must be a dense tensor, got layout {tensor.layout}")
+    if tensor.dtype not in DTYPE_NAMES:
+        raise ValueError(
+            f"{what} '{name}' has dtype {tensor.dtype}, which the ticket format does not "
+            f"store; supported dtypes: {sorted(DTYPES)}"
         )
-    return entries, bytes(payload)
+
+
+def _encode_tensors(
+    tensors: Mapping[str, torch.Tensor], what: str
+) -> tuple[list[dict[str, Any]], bytes]:
+    """Serialise ``tensors`` as a safetensors file; return (index entries, file bytes).
+
+    Every tensor is copied to a contiguous CPU tensor of its own first, so views, other
+    devices and tensors sharing storage (tied weights) are all stored as plain tensors.
+    """
+    _check_names(tensors, what)
+    if _SAFETENSORS_METADATA in tensors:
+        raise ValueError(f"{what} name '{_SAFETENSORS_METADATA}' is reserved by safetensors")
+    entries: list[dict[str, Any]] = []
+    copies: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        _check_tensor(name, tensor, what)
+        copies[name] = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        entries.append(
+            {"name": name, "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+        )
+    return entries, safetensors.torch.save(copies)
+
+
+def _encode_trained(
+    trained: Mapping[str, torch.Tensor] | None,
+) -> tuple[list[dict[str, Any]], bytes] | None:
+    """``_encode_tensors`` of the trained weights, or None when there are none."""
+    if trained is None:
+        return None
+    if not isinstance(trained, Mapping):
+        raise TypeError(
+            f"trained must be a state dict (a mapping of names to tensors) or None, "
+            f"got {type(trained).__name__}"
+        )
+    if not trained:
+        raise ValueError("trained is empty; pass None for a ticket without trained weights")
+    return _encode_tensors(trained, "trained")
 
 
 def _check_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -343,13 +437,16 @@ def write_ticket_dir(
     masks: Mapping[str, torch.Tensor],
     state: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
+    trained: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a ticket directory at ``path`` atomically and return its path.
+    """Write a ticket directory (format version 3) at ``path`` atomically; return its path.
 
     ``masks`` maps names to bool (or 0/1 numeric) tensors on any device; ``state`` maps
     names to tensors of a dtype in ``DTYPES`` (every tensor of the rewind point);
     ``meta`` holds the caller's JSON-serialisable metadata, merged into ticket.json
     beside the writer's keys (``WRITER_KEYS``; a collision raises ``ValueError``).
+    ``trained``, if given, is the retrained sparse model's plain state dict (masks
+    multiplied in) behind the reported accuracy, written to ``trained.safetensors``.
 
     The files are written and fsynced in a temporary sibling directory which is then
     renamed onto ``path``. If ``path`` exists already, ``FileExistsError`` is raised and
@@ -363,7 +460,8 @@ def write_ticket_dir(
         )
     caller_meta = _check_meta(meta)
     mask_entries, mask_payload, total_masked, total_kept = _encode_masks(masks)
-    state_entries, state_payload = _encode_state(state)
+    state_entries, state_payload = _encode_tensors(state, "state")
+    encoded_trained = _encode_trained(trained)
     document = {
         **caller_meta,
         "format_version": FORMAT_VERSION,
@@ -375,15 +473,25 @@ def write_ticket_dir(
         "state": state_entries,
         "state_sha256": hashlib.sha256(state_payload).hexdigest(),
     }
+    files = {MASKS_BIN: mask_payload, REWIND_FILE: state_payload}
+    if encoded_trained is not None:
+        document["trained"], files[TRAINED_FILE] = encoded_trained
+        document["trained_sha256"] = hashlib.sha256(files[TRAINED_FILE]).hexdigest()
     document[META_SHA256] = meta_sha256(document)
     text = json.dumps(document, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False)
+    files[TICKET_JSON] = (text + "\n").encode("utf-8")
+    _write_atomically(target, files)
+    return target
 
+
+def _write_atomically(target: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name to bytes, in order) into a staging directory beside
+    ``target``, fsync them and rename the directory onto ``target``; leave nothing on error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_file(staging / MASKS_BIN, mask_payload)
-        _write_file(staging / STATE_BIN, state_payload)
-        _write_file(staging / TICKET_JSON, (text + "\n").encode("utf-8"))
+        for name, data in files.items():
+            _write_file(staging / name, data)
         _fsync_dir(staging)
         if target.exists():
             raise FileExistsError(
@@ -395,7 +503,6 @@ def write_ticket_dir(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _fsync_dir(target.parent)
-    return target
 
 
 # ---------------------------------------------------------------------------
@@ -438,14 +545,14 @@ def _check_version(directory: Path, document: dict[str, Any]) -> int:
 
 
 def _check_meta_sha256(directory: Path, document: dict[str, Any], version: int) -> None:
-    """Version 2: ``meta_sha256`` must match the metadata. Version 1 has none (and must not
-    carry one: that is a version-2 ticket whose version was edited)."""
+    """Versions 2 and 3: ``meta_sha256`` must match the metadata. Version 1 has none (and
+    must not carry one: that is a later ticket whose version was edited)."""
     if version == 1:
         if META_SHA256 in document:
             raise _fail(
                 directory,
                 f"{TICKET_JSON} has format_version 1 but carries {META_SHA256}, which only "
-                "version 2 writes; ticket.json was edited or corrupted",
+                "versions 2 and 3 write; ticket.json was edited or corrupted",
             )
         return
     if META_SHA256 not in document:
@@ -460,13 +567,37 @@ def _check_meta_sha256(directory: Path, document: dict[str, Any], version: int) 
         )
 
 
+def _check_trained_keys(directory: Path, document: dict[str, Any], version: int) -> None:
+    """Version 3 records trained weights with both ``TRAINED_KEYS`` or with neither. (In
+    versions 1 and 2 these keys, if present, are the caller's metadata.)"""
+    present = sorted(TRAINED_KEYS & document.keys())
+    if version >= 3 and len(present) == 1:
+        raise _fail(
+            directory,
+            f"{TICKET_JSON} has {present} but lacks {sorted(TRAINED_KEYS - document.keys())}; "
+            "a ticket with trained weights records both",
+        )
+
+
 def _read_json(directory: Path) -> dict[str, Any]:
-    """Parse ticket.json and verify its version and (version 2) metadata checksum; any
-    problem raises ``TicketFormatError`` naming it."""
+    """Parse ticket.json and verify its version, (versions 2 and 3) metadata checksum and
+    (version 3) trained keys; any problem raises ``TicketFormatError`` naming it."""
     document = _parse_json(directory)
     version = _check_version(directory, document)
     _check_meta_sha256(directory, document, version)
+    _check_trained_keys(directory, document, version)
     return document
+
+
+def _has_trained(document: dict[str, Any]) -> bool:
+    """True if the (verified) ticket.json records trained weights."""
+    return document["format_version"] >= 3 and "trained_sha256" in document
+
+
+def _ticket_files(document: dict[str, Any]) -> tuple[str, ...]:
+    """The files the ticket of (verified) ticket.json ``document`` holds."""
+    files = _FILES_BY_VERSION[document["format_version"]]
+    return files + (TRAINED_FILE,) if _has_trained(document) else files
 
 
 def _is_int(value: Any) -> bool:
@@ -543,25 +674,47 @@ def _mask_layout(
     return layout
 
 
+def _index_entry(
+    directory: Path, entry: Any, where: str, seen: set[str], key: str
+) -> tuple[str, str, tuple[int, ...]]:
+    """The validated (name, dtype name, shape) of an entry of the tensor index ``key``."""
+    name = _entry_name(directory, entry, where, seen)
+    where = f"{key} '{name}'"
+    dtype_name = _entry_field(directory, entry, "dtype", where)
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise _fail(
+            directory,
+            f"{TICKET_JSON} {where} has unknown dtype {dtype_name!r}; known: {sorted(DTYPES)}",
+        )
+    return name, dtype_name, _entry_shape(directory, entry, where)
+
+
+def _tensor_index(
+    directory: Path, document: dict[str, Any], key: str
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Validate the version-3 tensor index ``key`` (``state`` or ``trained``); return
+    (name, dtype name, shape) per tensor."""
+    seen: set[str] = set()
+    return [
+        _index_entry(directory, entry, f"{key}[{position}]", seen, key)
+        for position, entry in enumerate(_entry_index_list(directory, document, key))
+    ]
+
+
 def _state_layout(
     directory: Path, document: dict[str, Any]
 ) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
-    """Validate the state index; return (name, dtype, shape, offset, nbytes) per tensor."""
+    """Validate the state index of versions 1 and 2; return (name, dtype, shape, offset,
+    nbytes) per tensor in state.bin."""
     layout: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
     seen: set[str] = set()
     end = 0
     for position, entry in enumerate(_entry_index_list(directory, document, "state")):
-        where = f"state[{position}]"
-        name = _entry_name(directory, entry, where, seen)
+        name, dtype_name, shape = _index_entry(
+            directory, entry, f"state[{position}]", seen, "state"
+        )
         where = f"state '{name}'"
-        dtype_name = _entry_field(directory, entry, "dtype", where)
-        if dtype_name not in DTYPES:
-            raise _fail(
-                directory,
-                f"{TICKET_JSON} {where} has unknown dtype {dtype_name!r}; known: {sorted(DTYPES)}",
-            )
         dtype = DTYPES[dtype_name]
-        shape = _entry_shape(directory, entry, where)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         expected = {"offset": _align(end), "nbytes": nbytes}
         for key, value in expected.items():
@@ -598,6 +751,17 @@ def _check_size(directory: Path, filename: str, spans: list[tuple[str, int, int]
     return size
 
 
+def _check_sha256(directory: Path, filename: str, data: bytes, sha256: Any) -> None:
+    """The sha256 of ``data``, the bytes of ``filename``, must be the recorded ``sha256``."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise _fail(
+            directory,
+            f"{filename} checksum mismatch: {TICKET_JSON} records sha256 {sha256!r}, the file "
+            f"has {digest}; the ticket is corrupted or was modified",
+        )
+
+
 def _read_payload(directory: Path, filename: str, size: int, sha256: Any) -> bytes:
     """Read a binary file whose size ``_check_size`` accepted; verify size and sha256."""
     data = (directory / filename).read_bytes()
@@ -606,13 +770,7 @@ def _read_payload(directory: Path, filename: str, size: int, sha256: Any) -> byt
             directory, f"{filename} changed while being read: expected {size} bytes, "
             f"found {len(data)}"
         )
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise _fail(
-            directory,
-            f"{filename} checksum mismatch: {TICKET_JSON} records sha256 {sha256!r}, the file "
-            f"has {digest}; the ticket is corrupted or was modified",
-        )
+    _check_sha256(directory, filename, data, sha256)
     return data
 
 
@@ -683,35 +841,155 @@ def _decode_state(
     }
 
 
-def read_ticket_dir(
-    path: str | Path,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and verify the ticket directory at ``path``.
+def _safetensors_header(directory: Path, filename: str, data: bytes) -> dict[str, Any]:
+    """(dtype name, shape) of every tensor that the header of the safetensors bytes ``data``
+    (the contents of ``filename``) declares, read without decoding any tensor."""
+    length = int.from_bytes(data[:8], "little")
+    try:
+        if len(data) < 8 or length > len(data) - 8:
+            raise ValueError(f"its header length {length} runs past its {len(data)} bytes")
+        header = json.loads(data[8 : 8 + length].decode("utf-8"))
+        return {
+            name: (SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"]), info["shape"])
+            for name, info in header.items()
+            if name != _SAFETENSORS_METADATA
+        }
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise _fail(directory, f"{filename} has no valid safetensors header: {err!r}") from err
 
-    Returns ``(masks, state, document)``: masks as bool CPU tensors and state as CPU
-    tensors (both freshly allocated and writable, in index order), and the full
-    ticket.json dict. Verifies that the three files exist, ticket.json parses and holds
-    the writer keys of a supported ``format_version`` and (version 2) the metadata
-    checksum ``meta_sha256``, the indexes are consistent (names, dtypes, shapes, numel,
-    offsets, sizes), every indexed tensor lies within the binary files and they have
-    exactly the indexed size (checked before anything is read or allocated) and the
-    recorded sha256, mask padding bits are zero and the recorded densities and totals
-    match the masks. Any problem raises ``TicketFormatError`` naming the file.
-    """
+
+def _index_difference(index: list[tuple[str, str, tuple[int, ...]]], found: dict[str, Any]) -> str:
+    """How the tensors ``found`` in a file ((dtype name, shape) by name) differ from
+    ``index``; empty if they are the same."""
+    listed = {name: (dtype, list(shape)) for name, dtype, shape in index}
+    missing = [name for name in listed if name not in found]
+    extra = sorted(str(name) for name in found if name not in listed)
+    if missing:
+        return f"it lacks {missing}"
+    if extra:
+        return f"it holds {extra}, which the index does not list"
+    for name, (dtype, shape) in listed.items():
+        if found[name] != (dtype, shape):
+            return (
+                f"it holds '{name}' as {found[name][0]} of shape {found[name][1]}, the index "
+                f"lists {dtype} of shape {shape}"
+            )
+    return ""
+
+
+def _check_index(
+    directory: Path, filename: str, key: str, index: list[Any], found: dict[str, Any]
+) -> None:
+    """The tensors ``found`` in ``filename`` must be exactly those of the index ``key``."""
+    difference = _index_difference(index, found)
+    if difference:
+        raise _fail(
+            directory,
+            f"{filename} does not match its index {TICKET_JSON} '{key}': {difference}; the "
+            "ticket was written wrongly or modified",
+        )
+
+
+def _read_safetensors(
+    directory: Path,
+    document: dict[str, Any],
+    filename: str,
+    key: str,
+    index: list[tuple[str, str, tuple[int, ...]]],
+) -> dict[str, torch.Tensor]:
+    """Read the safetensors file ``filename`` of the (validated) tensor index ``key``:
+    verify its sha256 (``document[key + "_sha256"]``), check its header against the index,
+    then decode it; return its tensors (fresh, writable CPU tensors) in index order."""
+    data = (directory / filename).read_bytes()
+    _check_sha256(directory, filename, data, document[f"{key}_sha256"])
+    _check_index(directory, filename, key, index, _safetensors_header(directory, filename, data))
+    try:
+        tensors = safetensors.torch.load(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise _fail(directory, f"{filename} is not a valid safetensors file: {err}") from err
+    found = {name: (DTYPE_NAMES.get(t.dtype), list(t.shape)) for name, t in tensors.items()}
+    _check_index(directory, filename, key, index, found)
+    return {name: tensors[name] for name, _, _ in index}
+
+
+def _open_ticket(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The ticket directory at ``path`` and its verified ticket.json, after checking that
+    every file the ticket holds (by its version and trained weights) is present."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise _fail(directory, "no ticket directory exists at this path")
-    for filename in TICKET_FILES:
-        if not (directory / filename).is_file():
-            raise _fail(directory, f"{filename} is missing; a ticket holds {list(TICKET_FILES)}")
+    if not (directory / TICKET_JSON).is_file():
+        raise _fail(directory, f"{TICKET_JSON} is missing; a ticket holds {list(TICKET_FILES)}")
     document = _read_json(directory)
+    files = _ticket_files(document)
+    trained = ", with trained weights" if _has_trained(document) else ""
+    for filename in files:
+        if not (directory / filename).is_file():
+            raise _fail(
+                directory,
+                f"{filename} is missing; this ticket (format version "
+                f"{document['format_version']}{trained}) holds {list(files)}",
+            )
+    return directory, document
+
+
+def _mask_spans(layout: list[tuple[str, tuple[int, ...], int, int]]) -> list[tuple[str, int, int]]:
+    """The byte spans of the masks in masks.bin, for ``_check_size``."""
+    return [(f"mask '{n}' of shape {list(dims)}", off, nb) for n, dims, off, nb in layout]
+
+
+def _state_reader(directory: Path, document: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    """Validate the state index (versions 1 and 2: and the size of state.bin against it)
+    before anything is decoded; return the function that then reads the state."""
+    if document["format_version"] >= 3:
+        index = _tensor_index(directory, document, "state")
+        return lambda: _read_safetensors(directory, document, REWIND_FILE, "state", index)
+    layout = _state_layout(directory, document)
+    spans = [(f"state '{n}' of shape {list(dims)}", off, nb) for n, _, dims, off, nb in layout]
+    size = _check_size(directory, STATE_BIN, spans)
+    return lambda: _decode_state(directory, document, layout, size)
+
+
+def read_ticket_dir(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify the ticket directory at ``path`` (format version 1, 2 or 3).
+
+    Returns ``(masks, state, document)``: masks as bool CPU tensors and the rewind-point
+    state as CPU tensors (both freshly allocated and writable, in index order), and the
+    full ticket.json dict. Verifies that the ticket's files exist (``trained.safetensors``
+    too when ticket.json records trained weights), ticket.json parses and holds the writer
+    keys of a supported ``format_version`` and (versions 2 and 3) the metadata checksum
+    ``meta_sha256``, the indexes are consistent (names, dtypes, shapes; for masks.bin and
+    state.bin numel, offsets and sizes, checked against the file sizes before anything is
+    read or allocated), every binary file has the recorded sha256, the safetensors header
+    of rewind.safetensors matches the state index, mask padding bits are zero and the
+    recorded densities and totals match the masks. The trained weights themselves are
+    read and verified by ``read_trained_state``. Any problem raises ``TicketFormatError``
+    naming the file.
+    """
+    directory, document = _open_ticket(path)
     mask_layout = _mask_layout(directory, document)
-    state_layout = _state_layout(directory, document)
-    mask_spans = [(f"mask '{n}' of shape {list(dims)}", off, nb) for n, dims, off, nb in mask_layout]
-    mask_size = _check_size(directory, MASKS_BIN, mask_spans)
-    state_spans = [(f"state '{n}' of shape {list(dims)}", off, nb)
-                   for n, _, dims, off, nb in state_layout]
-    state_size = _check_size(directory, STATE_BIN, state_spans)
+    mask_size = _check_size(directory, MASKS_BIN, _mask_spans(mask_layout))
+    read_state = _state_reader(directory, document)
+    if _has_trained(document):
+        _tensor_index(directory, document, "trained")  # a clear error early; read later
     masks = _decode_masks(directory, document, mask_layout, mask_size)
-    state = _decode_state(directory, document, state_layout, state_size)
-    return masks, state, document
+    return masks, read_state(), document
+
+
+def read_trained_state(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The trained weights of the ticket at ``path``, or None when it has none.
+
+    A plain state dict (fresh, writable CPU tensors in index order) of the retrained
+    sparse model behind the ticket's reported accuracy. None for tickets of format
+    version 1 or 2 and version-3 tickets written without trained weights. Verifies
+    ticket.json as ``read_ticket_dir`` does, then the sha256 of trained.safetensors
+    (``trained_sha256``) and that its header matches the ``trained`` index, before any
+    tensor is decoded; any problem raises ``TicketFormatError`` naming the file.
+    """
+    directory, document = _open_ticket(path)
+    if not _has_trained(document):
+        return None
+    index = _tensor_index(directory, document, "trained")
+    return _read_safetensors(directory, document, TRAINED_FILE, "trained", index)
