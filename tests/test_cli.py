@@ -245,7 +245,7 @@ def test_run_writes_the_job_directory(tiny_run):
         assert on_disk == names
         for name in names:
             files = sorted(p.name for p in (trial_dir / "tickets" / name).iterdir())
-            assert files == ["masks.bin", "state.bin", "ticket.json"]
+            assert files == ["masks.bin", "rewind.safetensors", "ticket.json", "trained.safetensors"]
     assert not (root / "trials" / "dense-seed=0" / "tickets").exists()
 
 

@@ -116,8 +116,13 @@ def test_a_method_registered_from_a_test_module_runs_through_ray_and_mlflow(
         run = client.get_run(ticket["run_id"])
         assert run.data.tags["method"] == "random" and run.info.status == "FINISHED"
         assert run.data.params["settings.sparsity"] in ("0.5", "0.9")
-        assert {a.path for a in client.list_artifacts(ticket["run_id"])} >= {
-            "tickets", "result.json"}
+        assert "result.json" in {a.path for a in client.list_artifacts(ticket["run_id"])}
+        (own,) = client.search_runs([run.info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{ticket['run_id']}' and "
+                                    f"tags.ticket = '{ticket['name']}'")
+        assert own.data.metrics["sparsity"] == pytest.approx(ticket["sparsity"])
+        assert "ticket" in {a.path for a in client.list_artifacts(own.info.run_id)}
+        assert own.data.tags["ticketsearch.has_model"] == "true"  # it was retrained
     result = json.loads(Path(random["tickets"][0]["path"]).parent.parent.joinpath(
         "result.json").read_text())
     assert result["method"] == "random" and result["ledger"]["epochs"] == {

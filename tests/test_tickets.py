@@ -51,9 +51,9 @@ def test_apply_rewinds_a_fresh_model_and_fixes_the_mask(tmp_path):
 
 def test_a_flipped_byte_is_rejected(tmp_path):
     path = make_ticket().save(tmp_path / "t")
-    data = bytearray((path / "state.bin").read_bytes())
+    data = bytearray((path / "rewind.safetensors").read_bytes())
     data[100] ^= 0x01
-    (path / "state.bin").write_bytes(bytes(data))
+    (path / "rewind.safetensors").write_bytes(bytes(data))
     with pytest.raises(TicketFormatError, match="checksum"):
         ticketsearch.load_ticket(path)
 
@@ -165,10 +165,10 @@ def test_runs_uri_of_a_corrupted_ticket_names_the_uri_and_cleans_up(mlflow_store
 
     uri, run_id, _ = mlflow_store
     path = make_ticket().save(tmp_path / "bad")
-    (path / "state.bin").write_bytes(b"\0" + (path / "state.bin").read_bytes()[1:])
+    (path / "rewind.safetensors").write_bytes(b"\0" + (path / "rewind.safetensors").read_bytes()[1:])
     MlflowClient(tracking_uri=uri).log_artifacts(run_id, str(path), "tickets/bad")
     artifact = f"runs:/{run_id}/tickets/bad"
-    with pytest.raises(TicketFormatError, match="state.bin checksum mismatch") as info:
+    with pytest.raises(TicketFormatError, match="rewind.safetensors checksum mismatch") as info:
         ticketsearch.load_ticket(artifact, tracking_uri=uri)
     assert artifact in str(info.value)
     assert leftovers(private_tmp) == []

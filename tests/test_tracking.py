@@ -1,6 +1,7 @@
 """MLflow tracking on the default local SQLite store (no server)."""
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -76,42 +77,142 @@ def test_one_child_run_per_trial_with_contiguous_epoch_metrics(tracked):
         assert run.data.metrics["wall_clock_s"] > 0
 
 
-def test_round_metrics_and_ticket_metrics(tracked):
+def ticket_runs(client, trial_run):
+    return client.search_runs([trial_run.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{trial_run.info.run_id}'")
+
+
+def test_round_metrics_step_from_one_and_no_single_value_series(tracked):
     job, summary, client = tracked
     imp = next(r for r in children(client, summary) if r.data.tags["method"] == "imp")
     rounds = client.get_metric_history(imp.info.run_id, "round_test_acc")
-    assert [m.step for m in rounds] == [0, 1, 2]
-    sparsity = {m.step: m.value for m in client.get_metric_history(imp.info.run_id,
-                                                                     "ticket_sparsity")}
-    assert sorted(sparsity) == [1, 2, 3]
+    assert [m.step for m in rounds] == [1, 2, 3]
+    for run in children(client, summary):
+        names = set(run.data.metrics)
+        assert not {n for n in names if n.startswith(("ticket_", "final_", "retrain_"))}
+        assert {"epoch", "round", "search_epochs_total"}.isdisjoint(names)
+        assert {"train_loss", "epochs", "wall_clock_s", "device_s"} <= names
+
+
+def test_one_run_per_ticket_under_its_trial_run_with_the_same_metrics(tracked):
+    job, summary, client = tracked
     total = 64 * 32 + 32 * 16 + 16 * 10
-    for k, value in sparsity.items():
-        assert abs(value - (1 - 0.8**k)) <= k / total
-    assert imp.data.tags["has_ticket"] == "true"
-    assert imp.data.tags["ticket_name.2"] == "round-02"
-    layers = {a.path for a in client.list_artifacts(imp.info.run_id, "ticket_layers")}
-    assert "ticket_layers/round-02.png" in layers and "ticket_layers/round-02.json" in layers
+    seen = {}
+    for trial in children(client, summary):
+        runs = ticket_runs(client, trial)
+        result = json.load(open(f"{summary['job_dir']}/trials/{trial.data.tags['trial_id']}"
+                                "/result.json"))
+        assert sorted(r.data.tags["ticket"] for r in runs) == sorted(
+            t["name"] for t in result["tickets"])
+        for run in runs:
+            seen[run.info.run_name] = run
+            ticket = next(t for t in result["tickets"] if t["name"] == run.data.tags["ticket"])
+            metrics = run.data.metrics
+            assert {"sparsity", "density", "val_acc", "test_acc", "search_epochs"} <= set(metrics)
+            assert metrics["test_acc"] == ticket["test_acc"]
+            assert metrics["sparsity"] + metrics["density"] == pytest.approx(1)
+            assert run.data.params["method"] == trial.data.tags["method"]
+            assert run.data.tags["ticketsearch.kind"] == "ticket"
+            assert run.info.status == "FINISHED"
+            layers = {a.path for a in client.list_artifacts(run.info.run_id, "layers")}
+            assert f"layers/{ticket['name']}.png" in layers
+    assert len(seen) == 2 + 3
+    imp = {r.data.params["round"]: r for r in seen.values() if r.data.params["method"] == "imp"}
+    for k, run in imp.items():
+        assert abs(run.data.metrics["sparsity"] - (1 - 0.8 ** int(k))) <= int(k) / total
+    assert any(name.endswith(" round-02") and name.startswith("imp") for name in seen)
+
+
+def test_a_ticket_model_loads_with_mlflow_and_scores_its_reported_accuracy(tracked, digits,
+                                                                           monkeypatch):
+    from ticketsearch.training import evaluate
+
+    job, summary, client = tracked
+    rows = tracking.list_tickets(summary["tracking"]["uri"], job=job.name)
+    assert rows and all(r["model"] == f"runs:/{r['run_id']}/model" for r in rows)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", summary["tracking"]["uri"])
+    for row in rows:
+        model = mlflow.pytorch.load_model(row["model"])
+        assert not any("parametrizations" in k for k in model.state_dict())
+        _, accuracy = evaluate(model, digits.eval_batches("test", 256))
+        assert accuracy == row["test_acc"], row["name"]
+    run = client.get_run(rows[0]["run_id"])
+    (output,) = run.outputs.model_outputs  # MLflow's Models column of the runs table
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "model" and model.params["method"] == rows[0]["method"]
+
+
+def test_a_ticket_run_sent_again_is_not_duplicated(tracked):
+    job, summary, client = tracked
+    trial = next(r for r in children(client, summary) if r.data.tags["method"] == "imp")
+    (ticket_run,) = [r for r in ticket_runs(client, trial) if r.data.tags["ticket"] == "round-01"]
+    trial_dir = Path(summary["job_dir"]) / "trials" / trial.data.tags["trial_id"]
+    ticket = ticketsearch.load_ticket(trial_dir / "tickets" / "round-01")
+    op = tracking.ticket_run_op(ticket, trial_dir / "tickets" / "round-01", [])
+    op["metrics"]["timestamp"] = client.get_metric_history(
+        ticket_run.info.run_id, "sparsity")[0].timestamp
+    again = tracking.send_ticket_run(client, summary["tracking"]["uri"], trial.info.run_id, op)
+    assert again == ticket_run.info.run_id
+    assert len(ticket_runs(client, trial)) == 3
+    assert len(client.get_metric_history(again, "sparsity")) == 1
+    models = client.search_logged_models(experiment_ids=[trial.info.experiment_id],
+                                         filter_string="name = 'model'")
+    assert len([m for m in models if m.source_run_id == again]) == 1
+
+
+def test_the_parent_run_holds_the_job_summary_metrics(tracked):
+    job, summary, client = tracked
+    parent = client.get_run(summary["tracking"]["parent_run_id"])
+    metrics = parent.data.metrics
+    assert metrics["cs.tickets"] == 2 and metrics["imp.tickets"] == 3
+    assert metrics["imp.critical_path_epochs"] == 3 * 4
+    assert metrics["cs.critical_path_epochs"] == 2 * 4
+    assert "dense_test_acc" in metrics and "imp.best_test_acc" in metrics
+    before = len(client.get_metric_history(parent.info.run_id, "cs.tickets"))
+    tracking.log_report(Path(summary["job_dir"]), Path(summary["job_dir"]) / "report")
+    assert len(client.get_metric_history(parent.info.run_id, "cs.tickets")) == before == 1
+
+
+def test_register_puts_a_ticket_model_in_the_registry(tracked, capsys, monkeypatch):
+    from ticketsearch import cli
+
+    job, summary, client = tracked
+    uri = summary["tracking"]["uri"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (row, *_) = tracking.list_tickets(uri, job=job.name, method="imp")
+    assert cli.main(["register", row["run_id"], "--name", "tiny-imp", "--uri", uri]) == 0
+    assert "registered tiny-imp version 1" in capsys.readouterr().out
+    trial_dir = Path(summary["job_dir"]) / "trials"
+    (ticket_dir,) = [p for p in trial_dir.glob(f"*/tickets/{row['name']}")
+                     if p.parents[1].name.startswith("imp")]
+    assert cli.main(["register", str(ticket_dir), "--name", "tiny-imp", "--uri", uri]) == 0
+    version = client.get_model_version("tiny-imp", "2")
+    assert version.tags["method"] == "imp" and version.tags["ticket"] == row["name"]
+    assert float(version.tags["sparsity"]) == pytest.approx(row["sparsity"], abs=1e-5)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # register left the process as it was
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pytorch.load_model("models:/tiny-imp/2")
+    assert not any("parametrizations" in k for k in model.state_dict())
+    dense = next(r for r in children(client, summary) if r.data.tags["method"] == "dense")
+    assert cli.main(["register", dense.info.run_id, "--name", "x", "--uri", uri]) == 2
+    assert "not a ticket's run" in capsys.readouterr().err
 
 
 def test_ticket_artifacts_load_with_matching_checksums(tracked, tmp_path):
     job, summary, client = tracked
-    for run in children(client, summary):
-        if run.data.tags["method"] == "dense":
-            assert "has_ticket" not in run.data.tags
-            continue
-        trial_dir = f"{summary['job_dir']}/trials/{run.data.tags['trial_id']}"
-        for ticket in json.load(open(f"{trial_dir}/result.json"))["tickets"]:
-            uri = f"runs:/{run.info.run_id}/tickets/{ticket['name']}"
-            loaded = ticketsearch.load_ticket(uri, tracking_uri=summary["tracking"]["uri"])
-            local = json.load(open(f"{trial_dir}/tickets/{ticket['name']}/ticket.json"))
-            assert loaded.sparsity == pytest.approx(local["sparsity"])
-            assert loaded.meta["test_acc"] == ticket["test_acc"]
-            downloaded = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(tmp_path / run.info.run_id),
-                tracking_uri=summary["tracking"]["uri"])
-            remote = json.load(open(Path(downloaded) / "ticket.json"))
-            assert remote["mask_sha256"] == local["mask_sha256"]
-            assert remote["state_sha256"] == local["state_sha256"]
+    for row in tracking.list_tickets(summary["tracking"]["uri"], job=job.name):
+        trial_id = client.get_run(row["run_id"]).data.tags["trial_id"]
+        trial_dir = f"{summary['job_dir']}/trials/{trial_id}"
+        loaded = ticketsearch.load_ticket(row["artifact"], tracking_uri=summary["tracking"]["uri"])
+        local = json.load(open(f"{trial_dir}/tickets/{row['name']}/ticket.json"))
+        assert loaded.sparsity == pytest.approx(local["sparsity"])
+        assert loaded.meta["test_acc"] == row["test_acc"] and loaded.trained is not None
+        downloaded = mlflow.artifacts.download_artifacts(
+            artifact_uri=row["artifact"], dst_path=str(tmp_path / row["run_id"]),
+            tracking_uri=summary["tracking"]["uri"])
+        remote = json.load(open(Path(downloaded) / "ticket.json"))
+        assert remote["mask_sha256"] == local["mask_sha256"]
+        assert remote["state_sha256"] == local["state_sha256"]
 
 
 def test_list_tickets_filters_and_sorts(tracked):
@@ -184,7 +285,7 @@ def test_a_resumed_job_continues_its_own_runs(tmp_path, monkeypatch):
     client = MlflowClient(summary["tracking"]["uri"])
     experiment = client.get_experiment_by_name(job.name)
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 2  # one parent, one child: nothing duplicated by the resume
+    assert len(runs) == 3  # parent, trial, ticket: nothing duplicated by the resume
     child = next(r for r in runs if r.data.tags.get("ticketsearch.kind") == "trial")
     steps = {m.step for m in client.get_metric_history(child.info.run_id, "train_loss")}
     assert steps == set(range(12))

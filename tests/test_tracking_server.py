@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -89,6 +90,15 @@ def step_values(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def ticket_runs(client, trial_run_id: str) -> dict[str, Any]:
+    """The ticket runs under a trial's run, by ticket name (each name at most once)."""
+    experiment = client.get_run(trial_run_id).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{trial_run_id}'")
+    names = [r.data.tags["ticket"] for r in runs]
+    assert len(names) == len(set(names)), names
+    return {r.data.tags["ticket"]: r for r in runs}
+
+
 def ledger_epochs(trial_dir: Path) -> int:
     """Epochs a finished trial trained, from its result.json."""
     return read_result(trial_dir).ledger.epochs["total"]
@@ -154,9 +164,11 @@ def test_eight_concurrent_trials_each_finish_their_own_child_run(concurrent_job)
     experiment = client.get_experiment_by_name("server-sweep")
     assert experiment.experiment_id == jt.experiment_id
     runs = client.search_runs([jt.experiment_id], max_results=100)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(runs) == 9 and len(children) == 8
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == jt.parent_run_id]
+    tickets = [r for r in runs if r.data.tags.get("ticketsearch.kind") == "ticket"]
+    assert len(runs) == 1 + 8 + 8 and len(children) == 8 and len(tickets) == 8
     assert {r.info.run_id for r in children} == set(jt.trial_runs.values())
+    assert {r.data.tags["mlflow.parentRunId"] for r in tickets} == set(jt.trial_runs.values())
     assert client.get_run(jt.parent_run_id).info.status == "FINISHED"
     default = client.get_experiment_by_name("Default")
     assert default is None or client.search_runs([default.experiment_id]) == []
@@ -179,7 +191,7 @@ def test_each_cs_ticket_downloads_from_the_server_unchanged(concurrent_job, tmp_
     for trial_id, run_id in jt.trial_runs.items():
         local_dir = job_dir / "trials" / trial_id / "tickets" / "final"
         local_json = json.loads((local_dir / "ticket.json").read_text())
-        artifact = f"runs:/{run_id}/tickets/final"
+        artifact = f"runs:/{ticket_runs(MlflowClient(jt.uri), run_id)['final'].info.run_id}/ticket"
         ticket = ticketsearch.load_ticket(artifact, tracking_uri=jt.uri)
         assert ticket.name == "final" and ticket.meta["trial_id"] == trial_id
         downloaded = mlflow.artifacts.download_artifacts(
@@ -278,8 +290,10 @@ def test_a_trial_that_ends_while_the_server_is_down_is_sent_by_sync(shared_serve
     assert step_values(client, run_id, "train_loss") == list(range(epochs))
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["has_ticket"] == "true"
-    assert {a.path for a in client.list_artifacts(run_id)} >= {"tickets", "result.json"}
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"result.json"}
+    (ticket,) = ticket_runs(client, run_id).values()
+    assert {a.path for a in client.list_artifacts(ticket.info.run_id)} >= {"ticket", "layers"}
+    assert ticket.info.status == "FINISHED"
 
 
 def test_run_refuses_an_unreachable_server_before_writing_anything(tmp_path, capsys):
@@ -332,8 +346,16 @@ def test_a_resumed_trial_sends_every_step_once(shared_server, tmp_path, digits):
     epochs = result.ledger.epochs()
     for key in ("train_loss", "epoch_seconds", "sparsity"):
         assert step_values(client, run_id, key) == list(range(epochs)), key
-    assert step_values(client, run_id, "round_sparsity") == [0, 1, 2]
-    assert step_values(client, run_id, "ticket_sparsity") == [1, 2, 3]
+    assert step_values(client, run_id, "round_sparsity") == [1, 2, 3]
+    tickets = ticket_runs(client, run_id)
+    assert sorted(tickets) == ["round-01", "round-02", "round-03"]
+    for ticket in tickets.values():
+        assert step_values(client, ticket.info.run_id, "sparsity") == [0]
+        models = client.search_logged_models(
+            experiment_ids=[ticket.info.experiment_id],
+            filter_string=f"tags.`ticketsearch.ticket_key` = "
+                          f"'{ticket.data.tags['ticketsearch.ticket_key']}'")
+        assert len(models) == 1
 
 
 def test_a_job_that_ends_in_an_outage_says_so_and_sync_completes_it(ray_local, own_server,
@@ -424,7 +446,10 @@ def test_a_killed_ray_worker_resumes_with_every_step_once_and_its_time_kept(
     client = MlflowClient(shared_server.uri)
     run_id = record.run_id
     assert step_values(client, run_id, "train_loss") == list(range(record.ledger.epochs["total"]))
-    assert step_values(client, run_id, "round_sparsity") == [0, 1, 2]
+    assert step_values(client, run_id, "round_sparsity") == [1, 2, 3]
+    tickets = ticket_runs(client, run_id)  # each ticket's run once, after the SIGKILL too
+    assert sorted(tickets) == [t.name for t in record.tickets]
+    assert all(step_values(client, r.info.run_id, "sparsity") == [0] for r in tickets.values())
 
 
 def _kill_worker_after_rounds(trial_dir: Path, rounds: int, killed: dict) -> None:

@@ -207,22 +207,24 @@ def _store_uri(args) -> str:
 def cmd_ui(args) -> int:
     """The MLflow UI on the local store: the link to the latest job's runs (or ``--job``'s)
     printed; a port already taken is an error; SIGTERM / Ctrl-C stop the server."""
-    from .tracking import TrackingError, artifact_root_for, redact_uri, ui_link
+    from .tracking import TrackingError, artifact_root_for, redact_uri, tickets_link, ui_link
 
     uri = _store_uri(args)
-    if uri.startswith(("http://", "https://")):
-        print(f"the tracking server is already a UI: open {ui_link(uri, redact_uri(uri), args.job)}")
+    server = uri.startswith(("http://", "https://"))
+    base = redact_uri(uri) if server else f"http://{args.host}:{args.port}"
+    link, tickets = ui_link(uri, base, args.job), tickets_link(uri, base, args.job)
+    tickets_line = f"\ntickets: {tickets}" if tickets else ""
+    if server:
+        print(f"the tracking server is already a UI: open {link}{tickets_line}")
         return 0
-    base = f"http://{args.host}:{args.port}"
-    link = ui_link(uri, base, args.job)
     _check_port_free(args.host, args.port, TrackingError)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                "--host", args.host, "--port", str(args.port)]
     root = artifact_root_for(uri)
     if root:
         command += ["--default-artifact-root", root]
-    print(f"MLflow UI: {link}\n(store {uri}; all experiments at {base}); Ctrl-C stops it",
-          flush=True)
+    print(f"MLflow UI: {link}{tickets_line}\n(store {uri}; all experiments at {base}); "
+          "Ctrl-C stops it", flush=True)
     return _serve_until_stopped(command)
 
 
@@ -276,13 +278,15 @@ def cmd_tickets(args) -> int:
         return 0
     width = max([len(r["job_id"]) for r in rows] + [3])
     print(f"{'sparsity':>8}  {'test':>6}  {'val':>6}  {'method':6}  {'job':{width}}  "
-          f"{'trial':40}  artifact")
+          f"{'trial':40}  {'ticket':9}  run")
     for r in rows:
         test = "-" if r["test_acc"] is None else f"{r['test_acc']:.4f}"
         val = "-" if r["val_acc"] is None else f"{r['val_acc']:.4f}"
         print(f"{r['sparsity']:8.4f}  {test:>6}  {val:>6}  {r['method'] or '-':6}  "
-              f"{r['job_id']:{width}}  {r['trial'][:40]:40}  {r['artifact']}")
-    print(f"{len(rows)} tickets")
+              f"{r['job_id']:{width}}  {r['trial'][:40]:40}  {r['name'] or '-':9}  "
+              f"{r['run_id']}")
+    print(f"{len(rows)} tickets; a ticket's files are runs:/<run>/ticket and its trained model "
+          "runs:/<run>/model (`ticketsearch register <run> --name NAME` registers it)")
     return 0
 
 
@@ -387,6 +391,14 @@ def cmd_ticket(args) -> int:
     info = {"name": ticket.name, "sparsity": ticket.sparsity, **ticket.meta,
             "layer_densities": ticket.layer_densities()}
     print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_register(args) -> int:
+    from .tracking import register_ticket
+
+    version, uri = register_ticket(_store_uri(args), args.ticket, args.name)
+    print(f"registered {args.name} version {version}: mlflow.pytorch.load_model({uri!r})")
     return 0
 
 
@@ -552,10 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     ticket = sub.add_parser("ticket", help="show a ticket's metadata (verifies checksums)")
-    ticket.add_argument("path", help="ticket directory, or runs:/<run id>/tickets/<name> (as "
+    ticket.add_argument("path", help="ticket directory, or runs:/<run id>/ticket (as "
                         "`ticketsearch tickets` lists them)")
     store_args(ticket)
     ticket.set_defaults(func=cmd_ticket)
+
+    register = sub.add_parser("register", help="put a ticket's trained model in the MLflow "
+                              "model registry")
+    register.add_argument("ticket", help="the ticket: its run id, runs:/<run id>/model (as "
+                          "`ticketsearch tickets` lists them) or its ticket directory")
+    register.add_argument("--name", required=True, help="registered model name (a new version "
+                          "is added when it exists)")
+    store_args(register)
+    register.set_defaults(func=cmd_register)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

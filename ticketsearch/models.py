@@ -451,18 +451,19 @@ def _materialize(model: nn.Module, input_shape: tuple[int, ...], field: str, pat
         model.train(training)
 
 
-def model_from_meta(meta: Mapping[str, Any]) -> nn.Module:
+def model_from_meta(meta: Mapping[str, Any], activation: str = "relu") -> nn.Module:
     """A fresh model as a ticket's metadata describes it: ``model`` (name or factory path),
     ``model_factory`` (None for a named model), ``model_kwargs``, ``num_classes`` and
-    ``input_shape``."""
+    ``input_shape``; ``activation`` as in ``build_model``."""
     factory = meta.get("model_factory")
     kwargs = dict(meta.get("model_kwargs") or {})
     shape = tuple(meta["input_shape"])
     if factory is None and ":" not in meta["model"]:
-        return create_model(meta["model"], meta["num_classes"], shape, **kwargs)
+        return create_model(meta["model"], meta["num_classes"], shape,
+                            **(kwargs | {"activation": activation}))
     source = SimpleNamespace(name="mlp" if factory else meta["model"], factory=factory,
                              kwargs=kwargs, mlp_hidden=())
-    return build_model(source, meta["num_classes"], shape)
+    return build_model(source, meta["num_classes"], shape, activation)
 
 
 # --------------------------------------------------------------------------------------------

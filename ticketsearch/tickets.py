@@ -24,6 +24,7 @@ from .sparsity.masks import (
 from .sparsity.ticketfile import (
     WRITER_KEYS,
     read_ticket_dir,
+    read_trained_state,
     write_ticket_dir,
 )
 
@@ -35,12 +36,15 @@ class Ticket:
     ``masks``: bool tensor per masked layer (True = kept), keyed by module name.
     ``rewind_state``: every model tensor at the rewind point, under plain parameter names.
     ``meta``: method, settings, model, dataset, rewind epoch, epochs spent, accuracies, ...
+    ``trained``: the retrained sparse model behind the reported accuracy (plain names, masks
+    multiplied in; built with activation ``meta["trained_activation"]``), or None.
     """
 
     name: str
     masks: dict[str, Tensor]
     rewind_state: dict[str, Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    trained: dict[str, Tensor] | None = None
 
     @property
     def sparsity(self) -> float:
@@ -71,10 +75,22 @@ class Ticket:
         add_binary_masks(model, self.masks)
         return model
 
+    def trained_model(self) -> nn.Module:
+        """The trained sparse model behind the ticket's reported accuracy: a plain model (no
+        masks; pruned weights are zeros) in eval mode. ValueError if the ticket has none."""
+        from .models import model_from_meta
+
+        if self.trained is None:
+            raise ValueError(f"ticket {self.name!r} holds no trained weights (retraining was "
+                             "off, or it was written before tickets kept them)")
+        model = model_from_meta(self.meta, self.meta.get("trained_activation", "relu"))
+        load_dense_state(model, self.trained)
+        return model.eval()
+
     def save(self, path: str | Path) -> Path:
         """Write the ticket directory at ``path`` (atomic; refuses to overwrite)."""
         meta = {"name": self.name, **self.meta}
-        return write_ticket_dir(path, self.masks, self.rewind_state, meta)
+        return write_ticket_dir(path, self.masks, self.rewind_state, meta, trained=self.trained)
 
     def summary(self) -> dict[str, Any]:
         """Small JSON-able description (no tensors)."""
@@ -150,7 +166,8 @@ def load_ticket_dir(path: Path, name: str | None = None) -> Ticket:
     masks, state, meta = read_ticket_dir(path)
     own = {k: v for k, v in meta.items() if k not in WRITER_KEYS}
     name = own.pop("name", name or path.name)
-    return Ticket(name=name, masks=masks, rewind_state=state, meta=own)
+    return Ticket(name=name, masks=masks, rewind_state=state, meta=own,
+                  trained=read_trained_state(path))
 
 
 def clone_state(state: dict[str, Tensor], device: torch.device | str = "cpu") -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ tickets it had already handed over (``mlflow_sent.json``), so MLflow sees every 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -268,6 +269,28 @@ def ui_link(uri: str, base: str, job: str | None = None) -> str:
     """The MLflow UI page (under ``base``) of ``job``'s runs (an experiment name or a job id
     ``<name>-<hash>``), else of the latest job's, in the model-training view (MLflow 3 opens
     on its GenAI overview otherwise); ``base`` itself if the store has no job."""
+    parent = _latest_job_run(uri, job)
+    if parent is None:
+        return base
+    return f"{base}/#/experiments/{parent.info.experiment_id}/runs?{UI_VIEW}"
+
+
+def tickets_link(uri: str, base: str, job: str | None = None) -> str | None:
+    """The MLflow UI page of the job's tickets (see ``ui_link``): one row per ticket with its
+    sparsity, accuracies, method and model; None for a job logged without that view."""
+    parent = _latest_job_run(uri, job)
+    if parent is None:
+        return None
+    key = TICKETS_VIEW + parent.data.tags["ticketsearch.spec_hash"]
+    experiment = client_for(uri).get_experiment(parent.info.experiment_id)
+    if SHARED_VIEW_TAG + key not in experiment.tags:
+        return None
+    return (f"{base}/#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey={key}"
+            f"&{UI_VIEW}")
+
+
+def _latest_job_run(uri: str, job: str | None):
+    """The parent run of ``job`` (a name or id), else of the latest job; None without jobs."""
     client = client_for(uri)
     query = "tags.`ticketsearch.kind` = 'job'"
     if job is not None:
@@ -278,12 +301,29 @@ def ui_link(uri: str, base: str, job: str | None = None) -> str:
     ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(ids, query, max_results=1, order_by=["attributes.start_time DESC"]) \
         if ids else []
-    if not runs:
-        if job is not None:
-            raise TrackingError(f"no job {job!r} in {redact_uri(uri)}; `ticketsearch tickets` "
-                                "lists the jobs with tickets")
-        return base
-    return f"{base}/#/experiments/{runs[0].info.experiment_id}/runs?{UI_VIEW}"
+    if not runs and job is not None:
+        raise TrackingError(f"no job {job!r} in {redact_uri(uri)}; `ticketsearch tickets` "
+                            "lists the jobs with tickets")
+    return runs[0] if runs else None
+
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # how the MLflow UI stores a shared view
+TICKETS_VIEW = "tickets-"
+TICKET_COLUMNS = ["attributes.`Models`", "metrics.`sparsity`", "metrics.`test_acc`", "metrics.`val_acc`",
+                  "metrics.`search_epochs`", "params.`method`", "params.`round`",
+                  "params.`ticket`"]
+
+
+def save_tickets_view(client, tracking: JobTracking, spec_hash: str) -> None:
+    """Store the job's tickets view in its experiment (what ``tickets_link`` opens): its ticket
+    runs only, flat, sparsest first, with their metrics and method as columns."""
+    state = {"searchFilter": f"tags.`ticketsearch.kind` = 'ticket' and "
+                             f"tags.`ticketsearch.spec_hash` = '{spec_hash}'",
+             "orderByKey": "metrics.`sparsity`", "orderByAsc": False,
+             "selectedColumns": TICKET_COLUMNS,
+             "runsExpanded": dict.fromkeys(tracking.trial_runs.values(), True)}
+    client.set_experiment_tag(tracking.experiment_id, SHARED_VIEW_TAG + TICKETS_VIEW + spec_hash,
+                              json.dumps(state))
 
 
 def _start_parent(client, experiment_id: str, job, job_dir: Path,
@@ -340,15 +380,55 @@ def setup_job_tracking(job, job_dir: Path, uri: str, trials, ray_address: str | 
         if echo and len(missing) > RUNS_PROGRESS_EVERY and (
                 count % RUNS_PROGRESS_EVERY == 0 or count == len(missing)):
             echo(f"tracking: created {count}/{len(missing)} trial runs")
+    save_tickets_view(client, tracking, job.spec_hash())
     tracking.save(job_dir)
     return tracking
 
 
 def log_report(job_dir: Path, report_dir: Path) -> None:
-    """Attach a report folder to the job's parent run (nothing for an untracked job)."""
+    """Attach a report folder to the job's parent run with its summary metrics (nothing for
+    an untracked job)."""
     tracking = JobTracking.load(job_dir)
-    if tracking is not None:
-        client_for(tracking.uri).log_artifacts(tracking.parent_run_id, str(report_dir), "report")
+    if tracking is None:
+        return
+    client = client_for(tracking.uri)
+    client.log_artifacts(tracking.parent_run_id, str(report_dir), "report")
+    report_file = Path(report_dir) / "report.json"
+    if report_file.exists():
+        log_once(client, tracking.parent_run_id, job_metrics(json.loads(report_file.read_text())))
+
+
+def job_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The parent run's summary metrics from ``report.json``: the dense baseline and, per
+    method, its ticket count, search epochs (critical path and total), its best ticket (by
+    validation accuracy) and its sparsest matching ticket."""
+    values = {"dense_val_acc": report["dense"].get("val_acc"),
+              "dense_test_acc": report["dense"].get("test_acc"),
+              "makespan_s": report.get("makespan_s")}
+    for name, method in report["methods"].items():
+        best = max((t for t in method["tickets"] if t["val_acc"] is not None),
+                   key=lambda t: (t["val_acc"], t["sparsity"]), default=None)
+        matching = method["sparsest_matching"] or {}
+        values |= {f"{name}.tickets": len(method["tickets"]),
+                   f"{name}.critical_path_epochs": method["search_epochs"]["critical_path"],
+                   f"{name}.search_epochs": method["search_epochs"]["total"],
+                   f"{name}.best_sparsity": best and best["sparsity"],
+                   f"{name}.best_test_acc": best and best["test_acc"],
+                   f"{name}.sparsest_matching_sparsity": matching.get("sparsity"),
+                   f"{name}.sparsest_matching_test_acc": matching.get("test_acc")}
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def log_once(client, run_id: str, values: dict[str, float]) -> None:
+    """Log summary metrics at step 0, leaving out those the run already holds with the same
+    value (a report written again adds no second point)."""
+    from mlflow.entities import Metric
+
+    held = client.get_run(run_id).data.metrics
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in values.items() if held.get(k) != v]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
 
 
 def finish_job_tracking(tracking: JobTracking, job_dir: Path, status: str = "FINISHED",
@@ -360,7 +440,7 @@ def finish_job_tracking(tracking: JobTracking, job_dir: Path, status: str = "FIN
     if summary.exists():
         client.log_artifact(tracking.parent_run_id, str(summary))
     if report and (job_dir / "report").is_dir():
-        client.log_artifacts(tracking.parent_run_id, str(job_dir / "report"), "report")
+        log_report(job_dir, job_dir / "report")
     client.set_terminated(tracking.parent_run_id, status=status)
 
 
@@ -480,6 +560,8 @@ class RunLogger:
             self.client.update_run(self.run_id, status=op["status"])
         elif kind == "terminate":
             self.client.set_terminated(self.run_id, status=op["status"])
+        elif kind == "ticket_run":
+            send_ticket_run(self.client, self.uri, self.run_id, op)
         elif kind == "batch":
             for item in op["ops"]:
                 self._apply(item)
@@ -524,25 +606,25 @@ class MlflowHooks(Hooks):
         self.inner.epoch_end(event)
         if self.logger.already_sent({"step": event.step}):
             return
-        values = event.metrics() | {"epoch_seconds": event.seconds, "epoch": event.epoch}
-        values.pop("seconds", None)
+        values = event.metrics() | {"epoch_seconds": event.seconds}
+        for key in ("seconds", "round"):  # the step is the epoch; rounds are round_* steps
+            values.pop(key, None)
         self.buffer.append(metrics_item(values, event.step))
         if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
             self.flush()
 
     def round_end(self, event: RoundEvent) -> None:
+        """A search round's sparsity and accuracy as ``round_*`` at step round + 1 (a
+        retraining round's result is its ticket's, logged in the ticket's run)."""
         self.inner.round_end(event)
         self.flush()
-        prefix = "retrain" if event.phase == "retrain" else "round"
-        mark = {"key": f"{prefix}:{event.round}:{event.recipe or ''}"}
-        if self.logger.already_sent(mark):
+        mark = {"key": f"round:{event.round}:"}
+        if event.phase == "retrain" or self.logger.already_sent(mark):
             return
-        values = {f"{prefix}_sparsity": event.sparsity}
-        if event.val_acc is not None:
-            values[f"{prefix}_val_acc"] = event.val_acc
-        if event.test_acc is not None:
-            values[f"{prefix}_test_acc"] = event.test_acc
-        self.logger.submit(metrics_op(values, event.round) | {"mark": mark})
+        values = {"round_sparsity": event.sparsity, "round_val_acc": event.val_acc,
+                  "round_test_acc": event.test_acc}
+        values = {k: v for k, v in values.items() if v is not None}
+        self.logger.submit(metrics_op(values, event.round + 1) | {"mark": mark})
 
     def ticket_found(self, ticket: Ticket) -> None:
         self.inner.ticket_found(ticket)
@@ -550,21 +632,10 @@ class MlflowHooks(Hooks):
         mark = {"key": f"ticket:{ticket.name}"}
         if self.logger.already_sent(mark):
             return
-        local = Path(self.inner.dir) / "tickets" / ticket.name
-        layers = write_layer_report(ticket, Path(self.inner.dir) / "ticket_layers")
-        step = int(ticket.meta.get("round") or 0)
-        values = {"ticket_sparsity": ticket.sparsity,
-                  "search_epochs": ticket.meta.get("search_epochs", 0),
-                  "retrain_epochs": ticket.meta.get("retrain_epochs", 0)}
-        for key in ("val_acc", "test_acc"):
-            if ticket.meta.get(key) is not None:
-                values[f"ticket_{key}"] = ticket.meta[key]
-        ops = [{"op": "artifacts", "local": str(local), "artifact_path": f"tickets/{ticket.name}"}]
-        ops += [{"op": "artifact", "local": str(path), "artifact_path": "ticket_layers"}
-                for path in layers]
-        ops += [metrics_op(values, step),
-                {"op": "tags", "tags": {"has_ticket": "true", f"ticket_name.{step}": ticket.name}}]
-        self.logger.submit({"op": "batch", "ops": ops, "mark": mark})
+        trial_dir = Path(self.inner.dir)
+        layers = write_layer_report(ticket, trial_dir / "ticket_layers")
+        self.logger.submit(ticket_run_op(ticket, trial_dir / "tickets" / ticket.name, layers)
+                           | {"mark": mark})
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         self.flush()
@@ -586,21 +657,180 @@ class MlflowHooks(Hooks):
     def finish(self, result: TrialResult, status: str = "FINISHED") -> bool:
         """Log the trial's totals and close its run; True when everything reached MLflow."""
         self.flush()
-        ledger = result.ledger
-        values = {"wall_clock_s": ledger.wall_clock_s, "device_s": ledger.device_s,
-                  "recomputed_epochs": ledger.recomputed_epochs,
-                  "search_epochs_total": ledger.epochs("search"),
-                  "retrain_epochs_total": ledger.epochs("retrain"),
-                  "dense_epochs_total": ledger.epochs("dense"),
-                  "train_epochs_total": ledger.epochs("train")}
-        values |= {f"final_{k}": v for k, v in result.final.items() if v is not None}
-        self.logger.submit(metrics_op(values, ledger.epochs()))
+        self.logger.submit(metrics_op(trial_totals(result), result.ledger.epochs()))
         result_file = Path(self.inner.dir) / "result.json"
         if result_file.exists():
             self.logger.submit({"op": "artifact", "local": str(result_file),
                                 "artifact_path": None})
         self.logger.submit({"op": "terminate", "status": status})
         return self.logger.replay(force=True)
+
+
+EPOCH_SERIES = frozenset({"val_acc", "test_acc", "sparsity"})  # their last value is the final one
+
+
+def trial_totals(result: TrialResult) -> dict[str, float]:
+    """A trial run's summary metrics, logged once at its end: epochs, seconds and the
+    method's final values not already the last point of an epoch series."""
+    ledger = result.ledger
+    values = {"epochs": ledger.epochs(), "wall_clock_s": ledger.wall_clock_s,
+              "device_s": ledger.device_s}
+    if ledger.recomputed_epochs:
+        values["recomputed_epochs"] = ledger.recomputed_epochs
+    values |= {k: v for k, v in result.final.items() if v is not None and k not in EPOCH_SERIES}
+    return {k: float(v) for k, v in values.items()}
+
+
+def ticket_metrics(ticket: Ticket) -> dict[str, float]:
+    """A ticket run's metrics, under the same names for every method; the accuracies are
+    the primary retraining recipe's, other recipes' are ``val_acc.<recipe>`` /
+    ``test_acc.<recipe>``."""
+    meta = ticket.meta
+    values = {"sparsity": ticket.sparsity, "density": 1.0 - ticket.sparsity,
+              "val_acc": meta.get("val_acc"), "test_acc": meta.get("test_acc"),
+              "search_epochs": meta.get("search_epochs"),
+              "retrain_epochs": meta.get("retrain_epochs"),
+              "achieved_sparsity": meta.get("achieved_sparsity")}
+    for recipe, result in (meta.get("recipes") or {}).items():
+        if recipe != meta.get("recipe"):
+            values[f"val_acc.{recipe}"] = result.get("val_acc")
+            values[f"test_acc.{recipe}"] = result.get("test_acc")
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def ticket_params(ticket: Ticket) -> dict[str, str]:
+    """A ticket run's params: what the ticket is and the method settings that made it."""
+    meta = ticket.meta
+    values = {"ticket": ticket.name, "method": meta.get("method"), "round": meta.get("round"),
+              "seed": meta.get("seed"), "recipe": meta.get("recipe"),
+              "target_sparsity": meta.get("target_sparsity"),
+              "rewind_epoch": meta.get("rewind_epoch"), "model": meta.get("model"),
+              "dataset": meta.get("dataset")}
+    params = {k: str(v) for k, v in values.items() if v is not None}
+    return flat_params(meta.get("settings") or {}) | params
+
+
+def ticket_run_op(ticket: Ticket, ticket_dir: Path, layers: list[Path]) -> dict[str, Any]:
+    """The journal operation that creates (or finds again) the ticket's run under its trial's
+    run and logs its params, metrics, ticket, layer report and trained model."""
+    return {"op": "ticket_run", "ticket": ticket.name, "params": ticket_params(ticket),
+            "metrics": metrics_item(ticket_metrics(ticket), 0),
+            "ticket_dir": str(ticket_dir), "layers": [str(p) for p in layers],
+            "model": ticket.trained is not None}
+
+
+TICKET_RUN_TAGS = ("ticketsearch.job", "ticketsearch.spec_hash", "method", "model", "dataset",
+                   "trial_id")
+
+
+def send_ticket_run(client, uri: str, trial_run_id: str, op: dict[str, Any]) -> str:
+    """Apply a ``ticket_run`` operation; safe to repeat (the run and its model are found by
+    their ``ticketsearch.ticket_key`` tag before anything is created). Returns the run id."""
+    from mlflow.entities import Metric
+
+    trial = client.get_run(trial_run_id)
+    key = f"{trial_run_id}:{op['ticket']}"
+    run_id = _ticket_run_id(client, trial, op["ticket"], key)
+    _log_params(client, run_id, op["params"])
+    item = op["metrics"]
+    client.log_batch(run_id, metrics=[Metric(k, v, item["timestamp"], item["step"])
+                                      for k, v in item["values"].items()])
+    client.log_artifacts(run_id, op["ticket_dir"], "ticket")
+    for path in op["layers"]:
+        client.log_artifact(run_id, path, "layers")
+    if op["model"]:
+        log_ticket_model(client, uri, trial.info.experiment_id, run_id, key, op)
+        client.set_tag(run_id, "ticketsearch.has_model", "true")
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def _ticket_run_id(client, trial, ticket: str, key: str) -> str:
+    """The ticket's run: found by its key, else created as a child of the trial's run."""
+    experiment_id = trial.info.experiment_id
+    found = client.search_runs([experiment_id], f"tags.`ticketsearch.ticket_key` = '{key}'",
+                               max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {k: trial.data.tags[k] for k in TICKET_RUN_TAGS if k in trial.data.tags}
+    tags |= {"mlflow.parentRunId": trial.info.run_id, "ticketsearch.kind": "ticket",
+             "ticketsearch.ticket_key": key, "ticket": ticket,
+             "ticketsearch.trial": trial.info.run_name}
+    run = client.create_run(experiment_id, run_name=f"{trial.info.run_name} {ticket}", tags=tags)
+    return run.info.run_id
+
+
+def log_ticket_model(client, uri: str, experiment_id: str, run_id: str, key: str,
+                     op: dict[str, Any]) -> str:
+    """Log the ticket's trained sparse model as the run's MLflow PyTorch model ``model``
+    (``runs:/<run>/model``), once: a model already logged under ``key`` is kept."""
+    import logging
+
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id], max_results=1,
+        filter_string=f"tags.`ticketsearch.ticket_key` = '{key}'")
+    if found and found[0].status == LoggedModelStatus.READY:
+        return found[0].model_id
+    model_id = found[0].model_id if found else client.create_logged_model(
+        experiment_id, name="model", source_run_id=run_id, params=op["params"],
+        tags={"ticketsearch.ticket_key": key, "ticket": op["ticket"]}).model_id
+    model, example, signature = _model_with_example(Path(op["ticket_dir"]))
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice
+    with global_tracking_uri(uri):  # log_model finds its store only there
+        mlflow.pytorch.log_model(model, name="model", run_id=run_id, model_id=model_id,
+                                 signature=signature, input_example=example,
+                                 pip_requirements=model_requirements(),
+                                 serialization_format="pickle")
+    return model_id
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str):
+    """MLflow's process-wide tracking URI set to ``uri`` for the block, then put back as it
+    was, ``MLFLOW_TRACKING_URI`` included (``mlflow.set_tracking_uri`` also sets it)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    env, before = os.environ.get("MLFLOW_TRACKING_URI"), getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _model_with_example(ticket_dir: Path):
+    """The ticket's trained model (eval mode), an input example of one zero example and the
+    signature of its input and output."""
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from .tickets import load_ticket_dir
+
+    ticket = load_ticket_dir(ticket_dir)
+    model = ticket.trained_model()
+    example = np.zeros((1, *ticket.meta["input_shape"]), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    return model, example, infer_signature(example, output)
+
+
+def model_requirements() -> list[str]:
+    """What loading a logged ticket model needs: torch and ticketsearch (whose model classes
+    the pickled model refers to)."""
+    import torch
+
+    from . import __version__
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"ticketsearch=={__version__}"]
 
 
 def write_layer_report(ticket: Ticket, folder: Path) -> list[Path]:
@@ -708,12 +938,12 @@ def _no_ticket(uri: str, reason: str) -> str:
 
 def list_tickets(uri: str, job: str | None = None, method: str | None = None,
                  min_sparsity: float = 0.0) -> list[dict[str, Any]]:
-    """Every ticket logged in the store, sparsest first; ``job`` is an experiment name (every
-    job of it) or a job id ``<name>-<spec hash>`` (that job only)."""
+    """Every ticket logged in the store (one run each), sparsest first; ``job`` is an
+    experiment name (every job of it) or a job id ``<name>-<spec hash>`` (that job only)."""
     check_reachable(uri)
     client = client_for(uri)
     experiments = client.search_experiments()
-    query = "tags.has_ticket = 'true'"
+    query = "tags.`ticketsearch.kind` = 'ticket'"
     if job is not None:
         named = [e for e in experiments if e.name == job]
         name, _, spec_hash = job.rpartition("-")
@@ -726,30 +956,100 @@ def list_tickets(uri: str, job: str | None = None, method: str | None = None,
         experiments = named
     if method:
         query += f" and tags.method = '{method}'"
-    rows = []
-    for experiment in experiments:
-        for run in client.search_runs([experiment.experiment_id], query, max_results=5000):
-            rows += _ticket_rows(client, run, experiment.name)
+    rows = [ticket_row(run, experiment.name) for experiment in experiments
+            for run in _all_runs(client, experiment.experiment_id, query)]
     rows = [r for r in rows if r["sparsity"] >= min_sparsity]
     return sorted(rows, key=lambda r: (-r["sparsity"], -(r["test_acc"] or 0)))
 
 
-def _ticket_rows(client, run, experiment: str) -> list[dict[str, Any]]:
-    def history(key):
-        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+def _all_runs(client, experiment_id: str, query: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
 
-    sparsity, test, val = (history(k) for k in
-                           ("ticket_sparsity", "ticket_test_acc", "ticket_val_acc"))
-    rows = []
-    for step, value in sorted(sparsity.items()):
-        name = run.data.tags.get(f"ticket_name.{step}", f"step-{step}")
-        tags = run.data.tags
-        rows.append({
-            "experiment": experiment,
-            "job_id": f"{tags.get('ticketsearch.job')}-{tags.get('ticketsearch.spec_hash')}",
-            "method": tags.get("method"),
-            "trial": run.info.run_name, "name": name, "sparsity": value,
-            "val_acc": val.get(step), "test_acc": test.get(step), "run_id": run.info.run_id,
-            "artifact": f"runs:/{run.info.run_id}/tickets/{name}",
-        })
-    return rows
+
+def ticket_row(run, experiment: str) -> dict[str, Any]:
+    """What ``ticketsearch tickets`` shows of a ticket run."""
+    tags, metrics, run_id = run.data.tags, run.data.metrics, run.info.run_id
+    return {
+        "experiment": experiment,
+        "job_id": f"{tags.get('ticketsearch.job')}-{tags.get('ticketsearch.spec_hash')}",
+        "method": tags.get("method"), "trial": tags.get("ticketsearch.trial", ""),
+        "name": tags.get("ticket"), "sparsity": metrics.get("sparsity", 0.0),
+        "val_acc": metrics.get("val_acc"), "test_acc": metrics.get("test_acc"),
+        "run_id": run_id, "artifact": f"runs:/{run_id}/ticket",
+        "model": f"runs:/{run_id}/model" if tags.get("ticketsearch.has_model") else None,
+    }
+
+
+# --- the model registry ------------------------------------------------------------------------
+
+
+def find_ticket_run(uri: str, what: str):
+    """The ticket run named by ``what``: a ticket run's id, a ``runs:/<id>[/...]`` URI, or a
+    ticket directory of a tracked job (``<job dir>/trials/<trial>/tickets/<name>``)."""
+    client = client_for(uri)
+    path = Path(what)
+    if path.is_dir() and (path / "ticket.json").exists():
+        return _run_of_ticket_dir(client, path)
+    run_id = what.removeprefix("runs:/").strip("/").split("/", 1)[0]
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:
+        raise TrackingError(f"no run {run_id!r} in {redact_uri(uri)}: pass a ticket run's id, "
+                            "its runs:/ URI or a ticket directory (`ticketsearch tickets` lists "
+                            "them)") from err
+    if run.data.tags.get("ticketsearch.kind") != "ticket":
+        raise TrackingError(f"run {run_id} is not a ticket's run; `ticketsearch tickets` lists "
+                            "the ticket runs")
+    return run
+
+
+def _run_of_ticket_dir(client, path: Path):
+    path = path.resolve()  # <job dir>/trials/<trial>/tickets/<name>
+    job_dir, trial_id = path.parents[3], path.parents[1].name
+    tracking = JobTracking.load(job_dir)
+    trial_run = tracking and tracking.trial_runs.get(trial_id)
+    if not trial_run:
+        raise TrackingError(f"{path}: its job ({job_dir}) was not tracked in MLflow, so the "
+                            "ticket has no run to register")
+    key = f"{trial_run}:{path.name}"
+    experiment_id = client.get_run(trial_run).info.experiment_id
+    found = client.search_runs([experiment_id], f"tags.`ticketsearch.ticket_key` = '{key}'",
+                               max_results=1)
+    if not found:
+        raise TrackingError(f"{path}: no run of this ticket in MLflow yet; `ticketsearch sync "
+                            f"{job_dir}` sends what the server missed")
+    return found[0]
+
+
+def register_ticket(uri: str, what: str, name: str) -> tuple[str, str]:
+    """Register the trained model of the ticket ``what`` (see ``find_ticket_run``) as a new
+    version of registered model ``name``, tagged with the ticket's sparsity, accuracy,
+    method and job; returns (version, model URI)."""
+    import mlflow
+
+    client = client_for(uri)
+    run = find_ticket_run(uri, what)
+    tags = run.data.tags
+    if not tags.get("ticketsearch.has_model"):
+        raise TrackingError(f"ticket run {run.info.run_id} has no trained model (retraining was "
+                            "off, or the ticket was logged before tickets kept their models)")
+    found = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], max_results=1,
+        filter_string=f"tags.`ticketsearch.ticket_key` = '{tags['ticketsearch.ticket_key']}'")
+    model_uri = f"models:/{found[0].model_id}"
+    metrics = run.data.metrics
+    version_tags = {"ticket": tags.get("ticket"), "method": tags.get("method"),
+                    "job_id": f"{tags.get('ticketsearch.job')}-{tags.get('ticketsearch.spec_hash')}",
+                    "trial": tags.get("ticketsearch.trial"), "run_id": run.info.run_id,
+                    **{k: f"{metrics[k]:.6g}" for k in ("sparsity", "val_acc", "test_acc")
+                       if k in metrics}}
+    with global_tracking_uri(uri):
+        version = mlflow.register_model(model_uri, name,
+                                        tags={k: v for k, v in version_tags.items() if v})
+    return version.version, f"models:/{name}/{version.version}"

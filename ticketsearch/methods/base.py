@@ -38,7 +38,13 @@ from ..hooks import (
 from ..layers import select_masked_layers
 from ..models import build_model
 from ..sparsity import cs
-from ..sparsity.masks import binary_masks, dense_state_dict, mask_density, soft_masks
+from ..sparsity.masks import (
+    binary_masks,
+    dense_state_dict,
+    mask_density,
+    soft_masks,
+    sparse_state_dict,
+)
 from ..tickets import Ticket, clone_state
 from ..training import (
     EpochLedger,
@@ -200,9 +206,13 @@ class TrialRun:
         }
         return Ticket(name, masks, clone_state(self.snapshot), meta | extra)
 
-    def emit(self, ticket: Ticket, **meta) -> None:
-        """A final ticket (``meta`` updates its metadata): kept and reported."""
+    def emit(self, ticket: Ticket, trained: nn.Module | None = None, **meta) -> None:
+        """A final ticket (``meta`` updates its metadata): kept and reported. ``trained``: the
+        model (built with the default activation) whose accuracy the ticket reports; its
+        weights are kept with the ticket."""
         ticket.meta.update(meta)
+        if trained is not None:
+            keep_trained(ticket, trained, "relu")
         self.tickets.append(ticket)
         self.hooks.ticket_found(ticket)
 
@@ -259,8 +269,9 @@ class TrialRun:
         self.hooks.save_checkpoint(self.state())
 
     def state(self) -> dict[str, Any]:
-        def ticket_state(t: Ticket):
-            return {"name": t.name, "masks": t.masks, "meta": t.meta}
+        def ticket_state(t: Ticket, trained: bool = False):  # emitted ones are on disk
+            return {"name": t.name, "masks": t.masks, "meta": t.meta,
+                    "trained": t.trained if trained else None}
 
         return {
             "version": CHECKPOINT_VERSION, "method": self.trial.method,
@@ -270,7 +281,7 @@ class TrialRun:
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "snapshot": self.snapshot, "ledger": self.ledger.to_dict(),
             "tickets": [ticket_state(t) for t in self.tickets],
-            "pending": [ticket_state(t) for t in self.pending],
+            "pending": [ticket_state(t, trained=True) for t in self.pending],
             "rounds": self.rounds_done, "extra": self.extra,
         }
 
@@ -288,7 +299,7 @@ class TrialRun:
         snapshot_cpu = clone_state(self.snapshot) if self.snapshot else {}
         self.tickets = [Ticket(t["name"], t["masks"], snapshot_cpu, t["meta"])
                         for t in state["tickets"]]
-        self.pending = [Ticket(t["name"], t["masks"], snapshot_cpu, t["meta"])
+        self.pending = [Ticket(t["name"], t["masks"], snapshot_cpu, t["meta"], t.get("trained"))
                         for t in state["pending"]]
 
     def _resuming_this_stage(self) -> bool:
@@ -306,6 +317,13 @@ class TrialRun:
         torch.set_rng_state(state["torch_rng"])
         self.resuming = None
         return state["epoch"]
+
+
+def keep_trained(ticket: Ticket, model: nn.Module, activation: str) -> None:
+    """Keep ``model``'s trained sparse weights with ``ticket`` (and the ``activation`` it
+    was built with, which rebuilding it needs)."""
+    ticket.trained = sparse_state_dict(model)
+    ticket.meta["trained_activation"] = activation
 
 
 def model_meta(spec) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def run_imp(run: TrialRun) -> dict[str, Any]:
             val, test = run.fit(model, optimizer,
                                 snapshot_at=run.train.rewind_epoch if rnd == 0 else None)
             if rnd > 0 and s.rewind_between_rounds:  # this round trained the last ticket
-                run.emit(run.pending.pop(), val_acc=val, test_acc=test)
+                run.emit(run.pending.pop(), trained=model, val_acc=val, test_acc=test)
             pruned = imp.prune(dense_weights(model), binary_masks(model), s.prune_fraction,
                                s.scope)
             run.pending.append(run.make_ticket(f"round-{rnd + 1:02d}", pruned, round=rnd + 1))

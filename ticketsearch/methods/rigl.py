@@ -88,7 +88,8 @@ def run_rigl(run: TrialRun) -> dict[str, Any]:
 
         val, test = run.fit(model, optimizer, epochs, on_step=arm, after_backward=drop_and_grow)
         run.emit(run.make_ticket("final", binary_masks(model), round=1, rewind_epoch=0,
-                                 val_acc=val, test_acc=test, target_sparsity=s.sparsity))
+                                 val_acc=val, test_acc=test, target_sparsity=s.sparsity),
+                 trained=model)
     last = run.last_round()
     return {"val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"),
             "sparsity": last.get("sparsity"),

@@ -185,6 +185,19 @@ def dense_state_dict(model: nn.Module, *, clone: bool = True) -> dict[str, Tenso
     return state
 
 
+def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state of a binary-masked ``model`` as a plain (unmasked) model holds it: plain
+    names, every masked weight multiplied by its mask (as the masked forward pass does), no
+    mask tensors; detached CPU copies. A soft-masked (CS search) model has no such state."""
+    if soft_masks(model):
+        raise ValueError("a soft-masked model has no sparse state; binarise its masks first")
+    state = {k: v.cpu() for k, v in dense_state_dict(model).items()}
+    with torch.no_grad():
+        for name, module in masked_modules(model).items():
+            state[f"{name}.weight"] = module.weight.detach().cpu().clone()
+    return state
+
+
 def load_dense_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     """Copy ``state`` (plain names, as from ``dense_state_dict``) into ``model`` in place,
     bit-exactly. The key sets must match exactly; masks are left untouched."""
