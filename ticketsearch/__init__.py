@@ -11,7 +11,7 @@ except PackageNotFoundError:  # running from a source tree
 
 def load_ticket(path, tracking_uri=None):
     """Load a ticket: a local ticket directory, or an MLflow artifact URI such as
-    ``runs:/<run_id>/tickets/<name>`` (downloaded first; ``tracking_uri`` defaults to
+    ``runs:/<ticket run id>/ticket`` (downloaded first; ``tracking_uri`` defaults to
     ``MLFLOW_TRACKING_URI``). Checksums are verified; nothing is unpickled."""
     from .tickets import is_artifact_uri, load_ticket_dir
 

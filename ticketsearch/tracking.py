@@ -1,5 +1,7 @@
-"""MLflow tracking: one experiment per job name, a parent run per job submission, a child run
-per trial with per-epoch metrics, and tickets as artifacts.
+"""MLflow tracking: one experiment per job name, a parent run per job submission (with the
+job's summary metrics), a child run per trial with per-epoch metrics, and under it a run per
+ticket: the same metrics for every method, the ticket directory and its trained sparse model
+as an ``mlflow.pytorch`` model.
 
 ``JobTracking`` is the job lifecycle's tracker (``job.py``; ``NullTracker`` there is the one for
 untracked jobs). In the driver, ``start`` creates the database, the experiment, the parent run
@@ -7,7 +9,9 @@ and every trial's child run before any trial starts (concurrent first-time migra
 SQLite store crash), and records their ids in the job directory (``mlflow.json``) so a resumed
 job continues the same runs. The tracker is a small picklable value: it travels to Ray
 trials, which log through ``MlflowHooks`` with an ``MlflowClient`` bound to a run id — no
-global "active run" state, safe in threads and processes.
+global "active run" state, safe in threads and processes (logging a ticket's model sets
+MLflow's process-wide tracking URI while it runs, then puts it back; a job's trials all log to
+one store).
 
 Nothing logged is lost and nothing is logged twice: every operation is first written to the
 trial's ``mlflow_pending.jsonl`` journal, then sent, then dropped from it; what the server does
@@ -892,7 +896,7 @@ def sync_job_dir(job_dir: Path) -> dict[str, bool]:
 
 
 def load_ticket_artifact(uri: str, tracking_uri: str | None = None) -> Ticket:
-    """The ticket logged as artifact ``uri`` (``runs:/<run_id>/tickets/<name>``; resolved in
+    """The ticket logged as artifact ``uri`` (``runs:/<ticket run id>/ticket``; resolved in
     ``tracking_uri``, default ``MLFLOW_TRACKING_URI``): downloaded into a temporary directory,
     loaded into memory (checksums verified) and the directory removed, also on failure. A URI
     with no ticket, or any problem with it, raises TicketFormatError naming ``uri``."""
