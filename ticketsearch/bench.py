@@ -23,7 +23,7 @@ from .models import create_model, masked_layer_names, model_info
 from .sparsity import cs
 from .sparsity.masks import add_soft_masks
 from .spec import DataSpec, TrainSpec
-from .training import make_optimizer, resolve_device, train_epoch
+from .training import FastPath, make_optimizer, resolve_device, train_epoch
 
 TARGETS = {"cs/dense": 1.10, "loop/minimal": 1.05}
 
@@ -136,4 +136,96 @@ def format_results(results: list[OverheadResult]) -> str:
             verdict = "meets" if ratio <= TARGETS[key] else "MISSES"
             lines.append(f"{r.model} on {r.device}: {key} = {ratio:.3f} {verdict} the target "
                          f"<= {TARGETS[key]:.2f}")
+    return "\n".join(lines)
+
+
+# --- ``ticketsearch bench precision`` and ``bench methods``: the GPU fast path ---------------
+
+PRECISION_CONFIGS = {  # name: FastPath knobs
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16"},
+    "bf16+channels_last": {"precision": "bf16", "channels_last": True},
+    "bf16+channels_last+compile": {"precision": "bf16", "channels_last": True,
+                                   "compile": "default"},
+}
+
+
+def cifar_shaped(images: int, device) -> object:
+    """Synthetic data of CIFAR-10's shape (3x32x32, 10 classes), ``images`` in all."""
+    spec = DataSpec(dataset="synthetic", synthetic_shape=[3, 32, 32], synthetic_size=images)
+    return load_dataset(spec, device)
+
+
+def measure_precision(model_name: str = "resnet20", images: int = 2048, repeats: int = 3,
+                      device: str = "auto", batch_size: int = 128,
+                      configs: tuple[str, ...] = tuple(PRECISION_CONFIGS)) -> list[dict]:
+    """Median seconds of a CS-masked training epoch under each fast-path config, measured
+    interleaved in one process; epochs/s and the speed-up over fp32 per config."""
+    dev = resolve_device(device)
+    data = cifar_shaped(images, dev)
+    train = TrainSpec()
+    runs = {}
+    for name in configs:
+        torch.manual_seed(0)
+        model = create_model(model_name, data.num_classes, tuple(data.input_shape)).to(dev)
+        add_soft_masks(model, masked_layer_names(model, model_info(model_name).masked_layers),
+                       0.0)
+        fast = FastPath(dev.type, **PRECISION_CONFIGS[name])
+        fast.prepare(model)
+        optimizer = make_optimizer(model, train)
+        generator = torch.Generator().manual_seed(0)
+        runs[name] = (lambda m=model, o=optimizer, f=fast, g=generator: train_epoch(
+            m, data.train_batches(batch_size, g), o, lambda m=m: 1e-8 * cs.l0_penalty(m),
+            fast=f))
+    times = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up (and compilation)
+        fn()
+    order = list(runs)
+    for i in range(repeats):
+        for name in order[i % len(order):] + order[: i % len(order)]:
+            times[name].append(_timed(runs[name], dev))
+    base = statistics.median(times[order[0]])
+    return [{"config": name, "device": str(dev), "images": images,
+             "epoch_s": round(statistics.median(t), 4),
+             "epochs/s": round(1 / statistics.median(t), 3),
+             "speed-up": round(base / statistics.median(t), 3)} for name, t in times.items()]
+
+
+def measure_methods(images: int = 2048, device: str = "auto", epochs: int = 2,
+                    precision: str = "auto") -> list[dict]:
+    """The paper preset cut down (resnet20 on CIFAR-shaped data, ``epochs`` per round,
+    in-process, untracked): epochs/s of a trial of each method."""
+    from .methods import TrialRun
+    from .spec import parse_job
+
+    dev = resolve_device(device)
+    data = cifar_shaped(images, dev)
+    methods = {"dense": {}, "cs": {"rounds": 2}, "imp": {"rounds": 2},
+               "rigl": {"sparsity": 0.9}}
+    rows = []
+    for method, settings in [("dense", {}), *methods.items()]:  # the first one warms up
+        job = parse_job({"name": "bench", "model": {"name": "resnet20"},
+                         "data": {"dataset": "synthetic", "synthetic_shape": [3, 32, 32],
+                                  "synthetic_size": images},
+                         "train": {"epochs_per_round": epochs, "lr_milestones": [],
+                                   "rewind_epoch": min(1, epochs - 1), "device": dev.type,
+                                   "precision": precision, "eval_every": epochs},
+                         "methods": {method: settings}})
+        run = TrialRun(job.trials()[0], data)
+        start = time.perf_counter()
+        result = run.run()
+        _sync(dev)
+        seconds = time.perf_counter() - start
+        rows.append({"method": method, "device": str(dev), "precision": run.fast.precision,
+                     "epochs": result.ledger.epochs(), "seconds": round(seconds, 2),
+                     "epochs/s": round(result.ledger.epochs() / seconds, 3)})
+    return rows[1:]
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table of ``rows`` (dicts with the same keys)."""
+    headers = list(rows[0])
+    widths = [max(len(h), *(len(str(row[h])) for row in rows)) for h in headers]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths)) for row in rows]
     return "\n".join(lines)

@@ -411,6 +411,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+PRECISION_CONFIG_NAMES = ("fp32", "bf16", "bf16+channels_last", "bf16+channels_last+compile")
+
+
+def cmd_bench_precision(args) -> int:
+    from .bench import format_rows, measure_precision
+
+    configs = tuple(c for c in args.configs.split(",") if c)
+    unknown = [c for c in configs if c not in PRECISION_CONFIG_NAMES]
+    if unknown:
+        print(f"error: --configs: unknown {unknown}; choose from "
+              f"{', '.join(PRECISION_CONFIG_NAMES)}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_rows(measure_precision(images=args.images, repeats=args.repeats,
+                                        device=args.device, configs=configs)))
+    return 0
+
+
+def cmd_bench_methods(args) -> int:
+    from .bench import format_rows, measure_methods
+
+    print(format_rows(measure_methods(args.images, args.device, args.epochs, args.precision)))
+    return 0
+
+
 class _TicketMethods:
     """argparse choices: the registered methods that make tickets, read from the registry only
     when a choice is checked or listed (so the command starts without importing torch)."""
@@ -586,6 +610,25 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--repeats", type=int, default=7, help="timed epochs per kind")
     overhead.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     overhead.set_defaults(func=cmd_bench)
+    precision = bench_sub.add_parser(
+        "precision", help="a CS epoch of resnet20 on CIFAR-shaped data under fp32, bf16, "
+        "channels-last and compile, side by side")
+    precision.add_argument("--images", type=int, default=2048,
+                           help="training examples (45000 = CIFAR-10's training split)")
+    precision.add_argument("--repeats", type=int, default=3, help="timed epochs per config")
+    precision.add_argument("--configs", default=",".join(PRECISION_CONFIG_NAMES),
+                           help="comma-separated configs (the first is the baseline)")
+    precision.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    precision.set_defaults(func=cmd_bench_precision)
+    methods = bench_sub.add_parser(
+        "methods", help="epochs/s of a dense, CS, IMP and RigL trial of the paper preset, "
+        "cut down (resnet20, CIFAR-shaped data, in-process, untracked)")
+    methods.add_argument("--images", type=int, default=2048)
+    methods.add_argument("--epochs", type=int, default=2, help="epochs per round")
+    methods.add_argument("--precision", default="auto",
+                         choices=["auto", "fp32", "bf16", "fp16"])
+    methods.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    methods.set_defaults(func=cmd_bench_methods)
     return parser
 
 

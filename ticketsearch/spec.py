@@ -512,12 +512,35 @@ class TrainSpec(_Spec):
         description="Epochs between validation/test evaluations; the last epoch of each "
         "round is always evaluated.",
     )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training precision: bf16/fp16 run the matmuls and convolutions under "
+        "autocast (fp16 with a gradient scaler); masks, mask logits, the CS penalty, the "
+        "optimizer and evaluation stay fp32. auto = bf16 on a GPU that supports it (else "
+        "fp16), fp32 on CPU.",
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        "auto",
+        description="Train in channels-last memory format; auto = on for models with 2-d "
+        "convolutions on a GPU, off otherwise.",
+    )
+    compile: Literal["off", "default", "max-autotune"] = Field(
+        "off",
+        description="torch.compile the model for training (its first epoch pays the "
+        "compilation); off until measured worth it for your model and device.",
+    )
     checkpoint_every: int = Field(
         5,
         ge=1,
         description="Epochs between trial checkpoints; the end of each round is always "
         "checkpointed.",
     )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` as false."""
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainSpec:

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from .sparsity.masks import mask_parameters
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
@@ -67,6 +69,88 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @dataclass
+class FastPath:
+    """How training steps run on the device: under autocast in ``precision`` (``fp32`` =
+    off; ``fp16`` with a gradient scaler), in channels-last memory format, and with the
+    model ``torch.compile``-d (``compile`` = off, default or max-autotune).
+
+    Autocast lowers only the matmuls and convolutions: weights, mask logits, the soft masks
+    and the CS penalty (element-wise ops on fp32 parameters), the loss and the optimizer stay
+    fp32, and evaluation never uses it (reported accuracies are fp32 numbers).
+    """
+
+    device_type: str = "cpu"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: str = "off"
+    scaler: torch.amp.GradScaler | None = None
+
+    def __post_init__(self):
+        if self.precision == "fp16" and self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device_type)
+
+    @classmethod
+    def for_trial(cls, train, device: torch.device, model: nn.Module) -> FastPath:
+        """The fast path ``train`` asks for on ``device`` (``auto`` resolved: bf16 on a GPU
+        that supports it, else fp16; fp32 on CPU; channels-last for conv nets on a GPU)."""
+        cuda = device.type == "cuda"
+        precision = train.precision
+        if precision == "auto":
+            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        channels_last = train.channels_last
+        if channels_last == "auto":
+            channels_last = cuda and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        if cuda:  # TF32 matmuls and convolutions for what stays fp32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return cls(device.type, precision, bool(channels_last), train.compile)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Put ``model`` (in place) in channels-last format and compile it, once."""
+        if getattr(model, "_ticketsearch_fast", None) == (self.channels_last, self.compile):
+            return model
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.compile != "off":
+            model.compile(mode=self.compile)
+        model._ticketsearch_fast = (self.channels_last, self.compile)
+        return model
+
+    def inputs(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=HALF.get(self.precision),
+                              enabled=self.precision in HALF)
+
+    def backward(self, loss: Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state(self) -> dict[str, Tensor]:
+        """The gradient scaler's state as tensors (for a trial checkpoint)."""
+        if self.scaler is None:
+            return {}
+        return {f"amp.{k}": torch.tensor(v) for k, v in self.scaler.state_dict().items()}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        values = {k[4:]: v.item() for k, v in state.items() if k.startswith("amp.")}
+        if self.scaler is not None and values:
+            self.scaler.load_state_dict(values)
+
+
+PLAIN = FastPath()
+
+
+@dataclass
 class EpochStats:
     train_loss: float
     iterations: int
@@ -82,8 +166,10 @@ def train_epoch(
     after_backward: Callable[[int], None] | None = None,
     batch_loss: Callable[[nn.Module, Tensor, Tensor, int], Tensor] | None = None,
     after_step: Callable[[int], None] | None = None,
+    fast: FastPath = PLAIN,
 ) -> EpochStats:
-    """One pass over ``batches``: loss (+ ``extra_loss()``), backward, step.
+    """One pass over ``batches``: loss (+ ``extra_loss()``), backward, step, as ``fast`` says
+    (autocast, gradient scaling, channels-last inputs).
 
     The loss is ``batch_loss(model, x, y, i)`` when given, else ``cross_entropy(model(x), y)``;
     the reported ``train_loss`` is its batch-size-weighted mean. ``on_step(i)`` runs before
@@ -98,16 +184,18 @@ def train_epoch(
     for step, (x, y) in enumerate(batches):
         if on_step is not None:
             on_step(step)
-        if batch_loss is None:
-            loss = F.cross_entropy(model(x), y)
-        else:
-            loss = batch_loss(model, x, y, step)
-        total = loss if extra_loss is None else loss + extra_loss()
+        x = fast.inputs(x)
+        with fast.autocast():
+            if batch_loss is None:
+                loss = F.cross_entropy(model(x), y)
+            else:
+                loss = batch_loss(model, x, y, step)
+            total = loss if extra_loss is None else loss + extra_loss()
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        fast.backward(total)
         if after_backward is not None:
             after_backward(step)
-        optimizer.step()
+        fast.step(optimizer)
         if after_step is not None:
             after_step(step)
         losses.append(loss.detach())

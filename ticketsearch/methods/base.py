@@ -48,6 +48,7 @@ from ..sparsity.masks import (
 from ..tickets import Ticket, clone_state
 from ..training import (
     EpochLedger,
+    FastPath,
     device_kind,
     evaluate,
     lr_for_epoch,
@@ -73,8 +74,9 @@ class TrialRun:
         gpus = trial.resources.gpus if self.device.type == "cuda" else 0.0
         self.ledger = EpochLedger(device_kind(self.device), gpus if gpus > 0 else 1.0)
         self.generator = torch.Generator().manual_seed(trial.seed)
-        self.layer_names = select_masked_layers(self.new_model(), trial.model,
-                                                data.num_classes)
+        model = self.new_model()
+        self.layer_names = select_masked_layers(model, trial.model, data.num_classes)
+        self.fast = FastPath.for_trial(trial.train, self.device, model)
         self.snapshot: dict[str, torch.Tensor] | None = None  # the rewind point
         self.tickets: list[Ticket] = []  # emitted (final)
         self.pending: list[Ticket] = []  # found, awaiting retraining
@@ -157,7 +159,7 @@ class TrialRun:
         events of a retraining round.
         """
         epochs = epochs or self.train.epochs_per_round
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer = self.fast.prepare(model), optimizer
         self.epoch = self._restore_round(model, optimizer)
         if self.epoch == 0 and self.ledger.epochs() > 0:
             self.save()
@@ -177,7 +179,7 @@ class TrialRun:
                                 _offset(on_step, epoch * per_epoch),
                                 _offset(after_backward, epoch * per_epoch),
                                 None if batch_loss is None else batch_loss(),
-                                _offset(after_step, epoch * per_epoch))
+                                _offset(after_step, epoch * per_epoch), self.fast)
             val, test = self._epoch_end(epoch, epochs, lr, stats, recipe)
         self._round_end(epochs, val, test, recipe)
         return val, test
@@ -282,7 +284,7 @@ class TrialRun:
             "snapshot": self.snapshot, "ledger": self.ledger.to_dict(),
             "tickets": [ticket_state(t) for t in self.tickets],
             "pending": [ticket_state(t, trained=True) for t in self.pending],
-            "rounds": self.rounds_done, "extra": self.extra,
+            "rounds": self.rounds_done, "extra": self.extra | self.fast.state(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -295,7 +297,8 @@ class TrialRun:
         self.snapshot = None if state["snapshot"] is None else {
             k: v.to(self.device) for k, v in state["snapshot"].items()}
         self.rounds_done = list(state["rounds"])
-        self.extra = {k: v.to(self.device) for k, v in state["extra"].items()}
+        self.extra = {k: v.to(self.device) for k, v in state["extra"].items()
+                      if not k.startswith("amp.")}  # the gradient scaler's, restored by fit
         snapshot_cpu = clone_state(self.snapshot) if self.snapshot else {}
         self.tickets = [Ticket(t["name"], t["masks"], snapshot_cpu, t["meta"])
                         for t in state["tickets"]]
@@ -314,6 +317,7 @@ class TrialRun:
             return 0
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        self.fast.load_state(state["extra"])
         torch.set_rng_state(state["torch_rng"])
         self.resuming = None
         return state["epoch"]
