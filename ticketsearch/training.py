@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,7 @@ class FastPath:
     channels_last: bool = False
     compile: str = "off"
     scaler: torch.amp.GradScaler | None = None
+    shard: Any = None  # parallel.Shard of a data-parallel trial: its part of each batch
 
     def __post_init__(self):
         if self.precision == "fp16" and self.scaler is None:
@@ -184,15 +186,20 @@ def train_epoch(
     for step, (x, y) in enumerate(batches):
         if on_step is not None:
             on_step(step)
-        x = fast.inputs(x)
+        x, scale = fast.inputs(x), 1.0
+        if fast.shard is not None:
+            x, y, scale = fast.shard.split(x, y)
         with fast.autocast():
             if batch_loss is None:
                 loss = F.cross_entropy(model(x), y)
             else:
                 loss = batch_loss(model, x, y, step)
-            total = loss if extra_loss is None else loss + extra_loss()
+            total = loss if scale == 1.0 else loss * scale
+            total = total if extra_loss is None else total + extra_loss()
         optimizer.zero_grad(set_to_none=True)
         fast.backward(total)
+        if fast.shard is not None:
+            fast.shard.average_gradients(model)
         if after_backward is not None:
             after_backward(step)
         fast.step(optimizer)

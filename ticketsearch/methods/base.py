@@ -37,6 +37,7 @@ from ..hooks import (
 )
 from ..layers import select_masked_layers
 from ..models import build_model
+from ..parallel import FollowerHooks, Shard
 from ..sparsity import cs
 from ..sparsity.masks import (
     binary_masks,
@@ -69,7 +70,9 @@ class TrialRun:
         self.trial, self.train, self.data = trial, trial.train, data
         self.settings = trial.settings
         self.method = get_method(trial.method)
-        self.hooks = hooks or Hooks()
+        self.shard = Shard.current()  # a data-parallel trial's rank; None for one worker
+        hooks = hooks or Hooks()
+        self.hooks = hooks if self.shard is None or self.shard.rank == 0 else FollowerHooks(hooks)
         self.device = resolve_device(trial.train.device)
         gpus = trial.resources.gpus if self.device.type == "cuda" else 0.0
         self.ledger = EpochLedger(device_kind(self.device), gpus if gpus > 0 else 1.0)
@@ -77,6 +80,8 @@ class TrialRun:
         model = self.new_model()
         self.layer_names = select_masked_layers(model, trial.model, data.num_classes)
         self.fast = FastPath.for_trial(trial.train, self.device, model)
+        self.fast.shard = self.shard
+        self._wrapped: tuple[nn.Module, nn.Module] | None = None  # (model, its DDP module)
         self.snapshot: dict[str, torch.Tensor] | None = None  # the rewind point
         self.tickets: list[Ticket] = []  # emitted (final)
         self.pending: list[Ticket] = []  # found, awaiting retraining
@@ -175,7 +180,7 @@ class TrialRun:
             lr *= 1.0 if lr_factor is None else lr_factor(epoch)
             set_lr(optimizer, lr)
             batches = self.data.train_batches(self.train.batch_size, self.generator)
-            stats = train_epoch(model, batches, optimizer, extra_loss,
+            stats = train_epoch(self._train_module(model), batches, optimizer, extra_loss,
                                 _offset(on_step, epoch * per_epoch),
                                 _offset(after_backward, epoch * per_epoch),
                                 None if batch_loss is None else batch_loss(),
@@ -222,6 +227,15 @@ class TrialRun:
         return self.rounds_done[-1] if self.rounds_done else {}
 
     # --- inside fit -----------------------------------------------------------------------
+    def _train_module(self, model: nn.Module) -> nn.Module:
+        """What trains: ``model``, or for a data-parallel trial its DDP wrapper (made once
+        per model)."""
+        if self.shard is None:
+            return model
+        if self._wrapped is None or self._wrapped[0] is not model:
+            self._wrapped = (model, self.shard.wrap(model, self.device))
+        return self._wrapped[1]
+
     def _epoch_end(self, epoch: int, epochs: int, lr: float, stats, recipe: str | None):
         """Evaluate when due, record the epoch, tell the hooks, checkpoint when due."""
         last = epoch == epochs - 1
