@@ -112,3 +112,66 @@ def test_a_shard_is_a_contiguous_part_with_its_loss_scale():
     assert [p[1].tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert [p[2] for p in parts] == pytest.approx([1.2, 0.9, 0.9])
     assert Shard.current() is None and os.environ.get("WORLD_SIZE") in (None, "1")
+
+
+def test_a_two_worker_trial_runs_through_ray_train_inside_tune(ray_local, tmp_path):
+    """resources.workers: 2 — a TorchTrainer of two gloo workers launched from the Tune trial;
+    rank 0 writes the one result and the ledger counts each epoch once."""
+    from ticketsearch.cluster import run_job_on_ray
+    from ticketsearch.jobdir import read_result
+    from ticketsearch.spec import parse_job
+
+    data = tiny_job_dict(cs={"rounds": 2})
+    data["resources"] = {"workers": 2, "cpus": 0.9}
+    job = parse_job(data)
+    summary = run_job_on_ray(job, storage=tmp_path, echo=lambda _: None, track=False)
+    (trial,) = job.trials()
+    record = read_result(tmp_path / f"{job.name}-{job.spec_hash()}" / "trials" / trial.trial_id)
+    assert summary["status"] == "FINISHED"
+    assert record.ledger.epochs == {"search": 8, "retrain": 4, "total": 12}
+    assert len(record.tickets) == 1 and record.tickets[0].test_acc > 0.3
+
+
+def test_a_two_worker_trial_resumes_after_a_worker_is_killed(ray_local, tmp_path):
+    import signal
+    import threading
+    import time
+
+    from conftest import read_events
+
+    from ticketsearch.cluster import run_job_on_ray
+    from ticketsearch.jobdir import read_result
+    from ticketsearch.spec import parse_job
+
+    data = tiny_job_dict(cs={"rounds": 3})
+    data["train"] |= {"epochs_per_round": 6, "lr_milestones": [5], "checkpoint_every": 2}
+    data["resources"] = {"workers": 2, "cpus": 0.9, "max_failures": 2}
+    job = parse_job(data)
+    (trial,) = job.trials()
+    trial_dir = tmp_path / f"{job.name}-{job.spec_hash()}" / "trials" / trial.trial_id
+    killed = {}
+
+    def kill_rank_1_mid_search():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "pid" not in killed:
+            try:
+                steps = [e["step"] for e in read_events(trial_dir, "epoch")]
+            except FileNotFoundError:
+                steps = []
+            if steps and max(steps) >= 7 and (trial_dir / "worker-1.pid").exists():
+                killed["pid"] = int((trial_dir / "worker-1.pid").read_text())
+                os.kill(killed["pid"], signal.SIGKILL)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_rank_1_mid_search)
+    thread.start()
+    summary = run_job_on_ray(job, storage=tmp_path, echo=lambda _: None, track=False)
+    thread.join()
+    assert "pid" in killed, "the trial finished before a worker could be killed"
+    record = read_result(trial_dir)
+    assert summary["status"] == "FINISHED"
+    assert record.ledger.epochs == {"search": 18, "retrain": 6, "total": 24}  # each once
+    assert record.ledger.attempts == 2 and record.ledger.recomputed_epochs >= 0
+    steps = [e["step"] for e in read_events(trial_dir, "epoch")]
+    assert sorted(set(steps)) == list(range(24))
+    assert len(record.tickets) == 1

@@ -94,7 +94,10 @@ def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict,
     (trial_dir / ERROR_FILE).unlink(missing_ok=True)
     planned = planned_epochs(trial)
     try:
-        record, _ = run_one_trial(trial, root, tracker, progress=tune_reporter(planned))
+        if trial.resources.world > 1:
+            record = run_data_parallel(trial, root, tracker, code_paths)
+        else:
+            record, _ = run_one_trial(trial, root, tracker, progress=tune_reporter(planned))
     except trial_errors() as err:  # retrying cannot help: say why, once
         write_trial_error(trial_dir, err)
         tune.report({"step": 0, "phase": "error", "done": True})
@@ -102,6 +105,56 @@ def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict,
     tune.report({"step": record.ledger.epochs["total"], "epochs_planned": planned,
                  "phase": "done", "done": True, "tickets": len(record.tickets),
                  "wall_clock_s": record.ledger.wall_clock_s})
+
+
+def run_data_parallel(trial, root: Path, tracker, code_paths: tuple[str, ...] = ()):
+    """Train a data-parallel trial: a Ray Train ``TorchTrainer`` of ``resources.world``
+    workers (gloo on CPUs, NCCL on GPUs), launched from the Tune trial. A worker that dies
+    restarts the group (``resources.max_failures`` times), which resumes from the trial's
+    checkpoint. Returns the trial's record (written by rank 0)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    need = trial.resources
+    per_worker = {"CPU": need.cpus} | ({"GPU": 1} if need.gpus else {})
+    trainer = TorchTrainer(
+        data_parallel_worker,
+        train_loop_config={"trial": trial.model_dump_json(), "job_dir": str(root),
+                           "tracker": tracker, "code_paths": list(code_paths)},
+        scaling_config=ScalingConfig(num_workers=need.world, use_gpu=bool(need.gpus),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"ddp-{trial.trial_id}",
+                             storage_path=str(root / "ray-train"),
+                             failure_config=FailureConfig(max_failures=need.max_failures)),
+    )
+    trainer.fit()
+    return read_result(root / "trials" / trial.trial_id)
+
+
+def data_parallel_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a data-parallel trial: rank 0 runs the trial with its hooks
+    and tracker (events, checkpoints, tickets, MLflow, result.json); the others train along
+    and write nothing (``TrialRun`` gives them ``parallel.FollowerHooks``)."""
+    import torch.distributed as dist
+
+    from .data import load_dataset
+    from .jobdir import TrialDirHooks
+    from .methods import run_trial
+    from .spec import TrialSpec
+    from .training import resolve_device
+    from .usercode import add_import_paths
+
+    add_import_paths(p for p in config["code_paths"] if Path(p).is_dir())
+    trial = TrialSpec.model_validate_json(config["trial"])
+    root = Path(config["job_dir"])
+    _configure_torch(trial)
+    trial_dir = root / "trials" / trial.trial_id
+    (trial_dir / f"worker-{dist.get_rank()}.pid").write_text(str(os.getpid()))
+    if dist.get_rank() == 0:
+        run_one_trial(trial, root, config["tracker"])
+        return
+    data = load_dataset(trial.data, resolve_device(trial.train.device))
+    run_trial(trial, data, TrialDirHooks(trial_dir))
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -386,6 +439,9 @@ def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = (),
                       run_config=run_config)
 
 
+DRIVER_CPUS = 0.01  # what a data-parallel trial's Tune trial holds while its workers train
+
+
 def _resource_request(resources: dict[str, Any]) -> Callable[[dict], dict]:
     """Per-trial resources (trials of one job may differ) as Tune's callable form."""
 
@@ -393,6 +449,8 @@ def _resource_request(resources: dict[str, Any]) -> Callable[[dict], dict]:
 
     def request(config: dict):
         spec = resources[config["trial"]["trial_id"]]
+        if spec.world > 1:  # its workers ask for their own; the Tune trial only waits on them
+            return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}])
         bundle = {"CPU": spec.cpus}
         if spec.gpus:
             bundle["GPU"] = spec.gpus

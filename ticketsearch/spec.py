@@ -878,6 +878,25 @@ class ResourcesSpec(_Spec):
     max_failures: int = Field(
         2, ge=0, description="Times a failed trial is restarted from its last checkpoint."
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel workers per trial (DistributedDataParallel through Ray "
+        "Train, the global batch split between them); each takes resources.cpus CPUs and, "
+        "with GPUs, one GPU. gpus: N (whole, > 1) alone means N workers of one GPU each.",
+    )
+
+    @property
+    def world(self) -> int:
+        """How many data-parallel workers the trial runs as."""
+        return self.workers if self.workers > 1 else max(1, int(self.gpus))
+
+    @model_validator(mode="after")
+    def _gpus_per_worker(self) -> ResourcesSpec:
+        if self.workers > 1 and self.gpus not in (0, self.workers):
+            raise ValueError(f"resources.gpus must be 0 or equal resources.workers "
+                             f"({self.workers}: one GPU per worker), got {self.gpus:g}")
+        return self
 
     @field_validator("gpus")
     @classmethod
