@@ -25,6 +25,7 @@ CASES = {  # method, its settings, the rest of the job
     "dense-cnn-batchnorm": ("dense", {}, MY_CNN),  # conv, BatchNorm, conv, BatchNorm, fc
     "cs-mlp": ("cs", {"rounds": 1}, {}),
     "imp-cnn-batchnorm": ("imp", {"rounds": 2}, MY_CNN),
+    "rigl-mlp": ("rigl", {"sparsity": 0.8, "update_interval": 4}, {}),
 }
 
 

@@ -65,6 +65,14 @@ class Shard:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return DistributedDataParallel(model, device_ids=[index])
 
+    def average(self, tensors: dict[str, Tensor]) -> None:
+        """Replace each tensor (in place) by its mean over the ranks."""
+        import torch.distributed as dist
+
+        for tensor in tensors.values():
+            dist.all_reduce(tensor)
+            tensor /= self.world
+
     def average_gradients(self, model: nn.Module) -> None:
         """Mean of every gradient over the ranks (CPU workers; DDP does it on GPUs)."""
         import torch.distributed as dist

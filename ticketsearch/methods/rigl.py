@@ -84,7 +84,10 @@ def run_rigl(run: TrialRun) -> dict[str, Any]:
         def drop_and_grow(step: int) -> None:
             if gradients.armed:
                 fraction = rigl.drop_fraction(step, s.drop_fraction, end)
-                rigl.apply_update(model, optimizer, gradients.take(), fraction)
+                grads = gradients.take()
+                if run.shard is not None:  # this rank's shard's: use the global batch's
+                    run.shard.average(grads)
+                rigl.apply_update(model, optimizer, grads, fraction)
 
         val, test = run.fit(model, optimizer, epochs, on_step=arm, after_backward=drop_and_grow)
         run.emit(run.make_ticket("final", binary_masks(model), round=1, rewind_epoch=0,
