@@ -128,9 +128,9 @@ def test_unknown_top_level_key_lists_allowed_keys() -> None:
 def test_unknown_nested_key_names_the_path_and_allowed_keys() -> None:
     (line,) = problems_of(minimal(train={"epochz": 3}))
     assert line.startswith(
-        "train.epochz: unknown key; allowed keys are: batch_size, checkpoint_every, device, "
-        "epochs_per_round, eval_every, lr, lr_gamma, lr_milestones, momentum, nesterov, "
-        "rewind_epoch, weight_decay"
+        "train.epochz: unknown key; allowed keys are: batch_size, channels_last, "
+        "checkpoint_every, compile, device, epochs_per_round, eval_every, lr, lr_gamma, "
+        "lr_milestones, momentum, nesterov, precision, rewind_epoch, weight_decay"
     )
 
 

@@ -35,6 +35,7 @@ class Shard:
 
     rank: int
     world: int
+    wrapped: tuple[nn.Module, nn.Module] | None = None  # the last model and what trains it
 
     @classmethod
     def current(cls) -> Shard | None:
@@ -50,6 +51,12 @@ class Shard:
         part_x, part_y = torch.tensor_split(x, self.world)[self.rank], \
             torch.tensor_split(y, self.world)[self.rank]
         return part_x, part_y, part_y.shape[0] * self.world / y.shape[0]
+
+    def module(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """What trains ``model`` on this rank (``wrap``-ped once per model)."""
+        if self.wrapped is None or self.wrapped[0] is not model:
+            self.wrapped = (model, self.wrap(model, device))
+        return self.wrapped[1]
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """``model`` with synchronised BatchNorm (in place); on GPUs inside

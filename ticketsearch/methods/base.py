@@ -81,7 +81,6 @@ class TrialRun:
         self.layer_names = select_masked_layers(model, trial.model, data.num_classes)
         self.fast = FastPath.for_trial(trial.train, self.device, model)
         self.fast.shard = self.shard
-        self._wrapped: tuple[nn.Module, nn.Module] | None = None  # (model, its DDP module)
         self.snapshot: dict[str, torch.Tensor] | None = None  # the rewind point
         self.tickets: list[Ticket] = []  # emitted (final)
         self.pending: list[Ticket] = []  # found, awaiting retraining
@@ -180,7 +179,8 @@ class TrialRun:
             lr *= 1.0 if lr_factor is None else lr_factor(epoch)
             set_lr(optimizer, lr)
             batches = self.data.train_batches(self.train.batch_size, self.generator)
-            stats = train_epoch(self._train_module(model), batches, optimizer, extra_loss,
+            trains = model if self.shard is None else self.shard.module(model, self.device)
+            stats = train_epoch(trains, batches, optimizer, extra_loss,
                                 _offset(on_step, epoch * per_epoch),
                                 _offset(after_backward, epoch * per_epoch),
                                 None if batch_loss is None else batch_loss(),
@@ -227,14 +227,6 @@ class TrialRun:
         return self.rounds_done[-1] if self.rounds_done else {}
 
     # --- inside fit -----------------------------------------------------------------------
-    def _train_module(self, model: nn.Module) -> nn.Module:
-        """What trains: ``model``, or for a data-parallel trial its DDP wrapper (made once
-        per model)."""
-        if self.shard is None:
-            return model
-        if self._wrapped is None or self._wrapped[0] is not model:
-            self._wrapped = (model, self.shard.wrap(model, self.device))
-        return self._wrapped[1]
 
     def _epoch_end(self, epoch: int, epochs: int, lr: float, stats, recipe: str | None):
         """Evaluate when due, record the epoch, tell the hooks, checkpoint when due."""
