@@ -68,6 +68,37 @@ class Recorder(Hooks):
         self.checkpoints.append(copy.deepcopy(state))
 
 
+def kill_after_epochs(trial_dir, epochs: int, pid_file: str = "worker.pid",
+                      timeout: float = 120.0):
+    """A started thread that SIGKILLs the process whose pid ``trial_dir/pid_file`` holds as
+    soon as the trial has logged ``epochs`` epochs. Returns (thread, killed): ``killed``
+    gets ``pid`` and ``seen`` (epochs logged then) once it struck."""
+    import os
+    import signal
+    import threading
+    import time
+
+    killed: dict = {}
+
+    def killer():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                seen = len(read_events(trial_dir, "epoch"))
+            except (json.JSONDecodeError, FileNotFoundError):  # a line being written
+                seen = 0
+            pid_path = Path(trial_dir) / pid_file
+            if seen >= epochs and pid_path.exists():
+                killed.update(pid=int(pid_path.read_text()), seen=seen)
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    return thread, killed
+
+
 def read_events(trial_dir, kind: str = "epoch") -> list[dict]:
     """All events of ``kind`` a trial logged to its ``events.jsonl``, in order."""
     path = Path(trial_dir) / "events.jsonl"

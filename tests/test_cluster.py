@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import read_events, tiny_job_dict
+from conftest import kill_after_epochs, read_events, tiny_job_dict
 
 from ticketsearch.cli import main
 from ticketsearch.cluster import ClusterError, check_resources_fit, run_job_on_ray
@@ -137,21 +136,7 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
     job = parse_job(data)
     (trial,) = job.trials()
     trial_dir = tmp_path / f"{job.name}-{job.spec_hash()}" / "trials" / trial.trial_id
-    killed = {}
-
-    def killer():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            events = [e for e in _safe_events(trial_dir) if e["kind"] == "epoch"]
-            if len(events) >= 37 and (trial_dir / "worker.pid").exists():
-                killed["pid"] = int((trial_dir / "worker.pid").read_text())
-                killed["seen"] = len(events)
-                os.kill(killed["pid"], signal.SIGKILL)
-                return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
+    thread, killed = kill_after_epochs(trial_dir, 37)
     summary = run_job_on_ray(job, storage=tmp_path, echo=quiet, track=False)
     thread.join()
     assert "pid" in killed, "the trial finished before it could be killed"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_job_dict, tiny_trial
+from conftest import kill_after_epochs, read_events, tiny_job_dict, tiny_trial
 from servers import free_port
 
 from ticketsearch.data import load_dataset
@@ -134,12 +134,6 @@ def test_a_two_worker_trial_runs_through_ray_train_inside_tune(ray_local, tmp_pa
 
 
 def test_a_two_worker_trial_resumes_after_a_worker_is_killed(ray_local, tmp_path):
-    import signal
-    import threading
-    import time
-
-    from conftest import read_events
-
     from ticketsearch.cluster import run_job_on_ray
     from ticketsearch.jobdir import read_result
     from ticketsearch.spec import parse_job
@@ -150,22 +144,7 @@ def test_a_two_worker_trial_resumes_after_a_worker_is_killed(ray_local, tmp_path
     job = parse_job(data)
     (trial,) = job.trials()
     trial_dir = tmp_path / f"{job.name}-{job.spec_hash()}" / "trials" / trial.trial_id
-    killed = {}
-
-    def kill_rank_1_mid_search():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and "pid" not in killed:
-            try:
-                steps = [e["step"] for e in read_events(trial_dir, "epoch")]
-            except FileNotFoundError:
-                steps = []
-            if steps and max(steps) >= 7 and (trial_dir / "worker-1.pid").exists():
-                killed["pid"] = int((trial_dir / "worker-1.pid").read_text())
-                os.kill(killed["pid"], signal.SIGKILL)
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=kill_rank_1_mid_search)
-    thread.start()
+    thread, killed = kill_after_epochs(trial_dir, 8, "worker-1.pid", timeout=240)
     summary = run_job_on_ray(job, storage=tmp_path, echo=lambda _: None, track=False)
     thread.join()
     assert "pid" in killed, "the trial finished before a worker could be killed"

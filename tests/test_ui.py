@@ -109,19 +109,23 @@ def ui_url(ui_job, tmp_path_factory):
         stop_process_group(process)
 
 
-def show_trial_runs(page, url: str, parent_name: str, trial_names: list[str]) -> str:
-    """Open the experiment's runs table, expand the job's parent run, wait until every trial
+def show_trial_runs(page, parent_name: str, trial_names: list[str]) -> str:
+    """In the experiment's runs table, expand the job's parent run, wait until every trial
     run's name has rendered; return the page's visible text."""
-    page.goto(url)
     parent = page.locator('[role=gridcell][col-id*="Run Name"]', has_text=parent_name)
     parent.wait_for()
     parent.locator("button").first.click()  # the expander of the parent's child runs
     for name in trial_names:
         page.get_by_text(name, exact=True).first.wait_for()
-    close_assistant = page.get_by_role("button", name="Close", exact=True)
-    if close_assistant.count():  # MLflow 3's assistant side panel hides part of the table
-        close_assistant.first.click()
+    close_assistant(page)
     return page.inner_text("body")
+
+
+def close_assistant(page) -> None:
+    """Close MLflow 3's assistant side panel, which hides part of the table, if it is open."""
+    button = page.get_by_role("button", name="Close", exact=True)
+    if button.count():
+        button.first.click()
 
 
 def test_the_mlflow_ui_shows_the_job_and_its_runs(sync_playwright, ui_job, ui_url):
@@ -135,19 +139,8 @@ def test_the_mlflow_ui_shows_the_job_and_its_runs(sync_playwright, ui_job, ui_ur
     trial_names = [t.name for t in job.trials()]
     assert [t.method for t in job.trials()] == ["dense", "cs", "imp"]
     screenshot = artifacts_dir() / "mlflow-ui.png"
-    screenshot.unlink(missing_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(RENDER_TIMEOUT_MS)
-            try:
-                text = show_trial_runs(page, link, parent_name, trial_names)
-            finally:  # also when rendering failed: the screenshot shows how far it got
-                page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+    text = open_in_browser(sync_playwright, link, screenshot,
+                           lambda page: show_trial_runs(page, parent_name, trial_names))
     assert job.name in text and parent_name in text
     assert "Model registry" in text and "Judges" not in text  # model training, not GenAI
     for name in trial_names:
@@ -171,7 +164,7 @@ def open_in_browser(sync_playwright, url: str, screenshot: Path, show):
             page.goto(url)
             try:
                 return show(page)
-            finally:
+            finally:  # also when rendering failed: the screenshot shows how far it got
                 page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
@@ -193,9 +186,7 @@ def test_the_tickets_link_shows_one_row_per_ticket_with_its_metrics(sync_playwri
 
     def rows(page):
         page.get_by_text("matching runs").first.wait_for()
-        close_assistant = page.get_by_role("button", name="Close", exact=True)
-        if close_assistant.count():  # MLflow 3's assistant side panel hides part of the table
-            close_assistant.first.click()
+        close_assistant(page)
         header = page.locator('[role=columnheader]')
         for name in ("sparsity", "test_acc", "Models"):
             header.filter(has_text=name).first.wait_for()

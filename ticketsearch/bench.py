@@ -126,11 +126,7 @@ def measure_overhead(model_name: str, repeats: int = 5, device: str = "auto",
 
 def format_results(results: list[OverheadResult]) -> str:
     """A plain-text table of the results plus target verdicts."""
-    rows = [r.row() for r in results]
-    headers = list(rows[0])
-    widths = [max(len(h), *(len(str(row[h])) for row in rows)) for h in headers]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths)) for row in rows]
+    lines = [format_rows([r.row() for r in results])]
     for r in results:
         for key, ratio in (("cs/dense", r.cs_ratio), ("loop/minimal", r.loop_ratio)):
             verdict = "meets" if ratio <= TARGETS[key] else "MISSES"

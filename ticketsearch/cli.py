@@ -207,12 +207,12 @@ def _store_uri(args) -> str:
 def cmd_ui(args) -> int:
     """The MLflow UI on the local store: the link to the latest job's runs (or ``--job``'s)
     printed; a port already taken is an error; SIGTERM / Ctrl-C stop the server."""
-    from .tracking import TrackingError, artifact_root_for, redact_uri, tickets_link, ui_link
+    from .tracking import TrackingError, artifact_root_for, redact_uri, ui_links
 
     uri = _store_uri(args)
     server = uri.startswith(("http://", "https://"))
     base = redact_uri(uri) if server else f"http://{args.host}:{args.port}"
-    link, tickets = ui_link(uri, base, args.job), tickets_link(uri, base, args.job)
+    link, tickets = ui_links(uri, base, args.job)
     tickets_line = f"\ntickets: {tickets}" if tickets else ""
     if server:
         print(f"the tracking server is already a UI: open {link}{tickets_line}")

@@ -269,28 +269,21 @@ def _experiment_id(client, name: str, uri: str) -> str:
         return experiment.experiment_id
 
 
-def ui_link(uri: str, base: str, job: str | None = None) -> str:
-    """The MLflow UI page (under ``base``) of ``job``'s runs (an experiment name or a job id
+def ui_links(uri: str, base: str, job: str | None = None) -> tuple[str, str | None]:
+    """The MLflow UI pages (under ``base``) of ``job``'s runs (an experiment name or a job id
     ``<name>-<hash>``), else of the latest job's, in the model-training view (MLflow 3 opens
-    on its GenAI overview otherwise); ``base`` itself if the store has no job."""
+    on its GenAI overview otherwise), and of its tickets: one row per ticket with its
+    sparsity, accuracies, method and model (None for a job logged without that view).
+    ``(base, None)`` if the store has no job."""
     parent = _latest_job_run(uri, job)
     if parent is None:
-        return base
-    return f"{base}/#/experiments/{parent.info.experiment_id}/runs?{UI_VIEW}"
-
-
-def tickets_link(uri: str, base: str, job: str | None = None) -> str | None:
-    """The MLflow UI page of the job's tickets (see ``ui_link``): one row per ticket with its
-    sparsity, accuracies, method and model; None for a job logged without that view."""
-    parent = _latest_job_run(uri, job)
-    if parent is None:
-        return None
+        return base, None
+    experiment_id = parent.info.experiment_id
+    runs = f"{base}/#/experiments/{experiment_id}/runs?{UI_VIEW}"
     key = TICKETS_VIEW + parent.data.tags["ticketsearch.spec_hash"]
-    experiment = client_for(uri).get_experiment(parent.info.experiment_id)
-    if SHARED_VIEW_TAG + key not in experiment.tags:
-        return None
-    return (f"{base}/#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey={key}"
-            f"&{UI_VIEW}")
+    if SHARED_VIEW_TAG + key not in client_for(uri).get_experiment(experiment_id).tags:
+        return runs, None
+    return runs, f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}&{UI_VIEW}"
 
 
 def _latest_job_run(uri: str, job: str | None):
@@ -319,7 +312,7 @@ TICKET_COLUMNS = ["attributes.`Models`", "metrics.`sparsity`", "metrics.`test_ac
 
 
 def save_tickets_view(client, tracking: JobTracking, spec_hash: str) -> None:
-    """Store the job's tickets view in its experiment (what ``tickets_link`` opens): its ticket
+    """Store the job's tickets view in its experiment (what ``ui_links`` points at): its ticket
     runs only, flat, sparsest first, with their metrics and method as columns."""
     state = {"searchFilter": f"tags.`ticketsearch.kind` = 'ticket' and "
                              f"tags.`ticketsearch.spec_hash` = '{spec_hash}'",
@@ -749,13 +742,27 @@ def send_ticket_run(client, uri: str, trial_run_id: str, op: dict[str, Any]) -> 
     return run_id
 
 
+def run_by_key(client, experiment_id: str, key: str):
+    """The ticket run tagged ``ticketsearch.ticket_key = key``, or None."""
+    found = client.search_runs([experiment_id], f"tags.`ticketsearch.ticket_key` = '{key}'",
+                               max_results=1)
+    return found[0] if found else None
+
+
+def model_by_key(client, experiment_id: str, key: str):
+    """The logged model tagged ``ticketsearch.ticket_key = key``, or None."""
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id], max_results=1,
+        filter_string=f"tags.`ticketsearch.ticket_key` = '{key}'")
+    return found[0] if found else None
+
+
 def _ticket_run_id(client, trial, ticket: str, key: str) -> str:
     """The ticket's run: found by its key, else created as a child of the trial's run."""
     experiment_id = trial.info.experiment_id
-    found = client.search_runs([experiment_id], f"tags.`ticketsearch.ticket_key` = '{key}'",
-                               max_results=1)
-    if found:
-        return found[0].info.run_id
+    found = run_by_key(client, experiment_id, key)
+    if found is not None:
+        return found.info.run_id
     tags = {k: trial.data.tags[k] for k in TICKET_RUN_TAGS if k in trial.data.tags}
     tags |= {"mlflow.parentRunId": trial.info.run_id, "ticketsearch.kind": "ticket",
              "ticketsearch.ticket_key": key, "ticket": ticket,
@@ -773,12 +780,10 @@ def log_ticket_model(client, uri: str, experiment_id: str, run_id: str, key: str
     import mlflow
     from mlflow.entities import LoggedModelStatus
 
-    found = client.search_logged_models(
-        experiment_ids=[experiment_id], max_results=1,
-        filter_string=f"tags.`ticketsearch.ticket_key` = '{key}'")
-    if found and found[0].status == LoggedModelStatus.READY:
-        return found[0].model_id
-    model_id = found[0].model_id if found else client.create_logged_model(
+    found = model_by_key(client, experiment_id, key)
+    if found is not None and found.status == LoggedModelStatus.READY:
+        return found.model_id
+    model_id = found.model_id if found is not None else client.create_logged_model(
         experiment_id, name="model", source_run_id=run_id, params=op["params"],
         tags={"ticketsearch.ticket_key": key, "ticket": op["ticket"]}).model_id
     model, example, signature = _model_with_example(Path(op["ticket_dir"]))
@@ -1021,14 +1026,12 @@ def _run_of_ticket_dir(client, path: Path):
     if not trial_run:
         raise TrackingError(f"{path}: its job ({job_dir}) was not tracked in MLflow, so the "
                             "ticket has no run to register")
-    key = f"{trial_run}:{path.name}"
     experiment_id = client.get_run(trial_run).info.experiment_id
-    found = client.search_runs([experiment_id], f"tags.`ticketsearch.ticket_key` = '{key}'",
-                               max_results=1)
-    if not found:
+    found = run_by_key(client, experiment_id, f"{trial_run}:{path.name}")
+    if found is None:
         raise TrackingError(f"{path}: no run of this ticket in MLflow yet; `ticketsearch sync "
                             f"{job_dir}` sends what the server missed")
-    return found[0]
+    return found
 
 
 def register_ticket(uri: str, what: str, name: str) -> tuple[str, str]:
@@ -1043,10 +1046,8 @@ def register_ticket(uri: str, what: str, name: str) -> tuple[str, str]:
     if not tags.get("ticketsearch.has_model"):
         raise TrackingError(f"ticket run {run.info.run_id} has no trained model (retraining was "
                             "off, or the ticket was logged before tickets kept their models)")
-    found = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id], max_results=1,
-        filter_string=f"tags.`ticketsearch.ticket_key` = '{tags['ticketsearch.ticket_key']}'")
-    model_uri = f"models:/{found[0].model_id}"
+    found = model_by_key(client, run.info.experiment_id, tags["ticketsearch.ticket_key"])
+    model_uri = f"models:/{found.model_id}"
     metrics = run.data.metrics
     version_tags = {"ticket": tags.get("ticket"), "method": tags.get("method"),
                     "job_id": f"{tags.get('ticketsearch.job')}-{tags.get('ticketsearch.spec_hash')}",

@@ -191,11 +191,10 @@ def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
     mask tensors; detached CPU copies. A soft-masked (CS search) model has no such state."""
     if soft_masks(model):
         raise ValueError("a soft-masked model has no sparse state; binarise its masks first")
-    state = {k: v.cpu() for k, v in dense_state_dict(model).items()}
     with torch.no_grad():
-        for name, module in masked_modules(model).items():
-            state[f"{name}.weight"] = module.weight.detach().cpu().clone()
-    return state
+        masked = {f"{name}.weight": m.weight for name, m in masked_modules(model).items()}
+        return {key: masked.get(key, value).detach().cpu().clone()
+                for key, value in dense_state_dict(model, clone=False).items()}
 
 
 def load_dense_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
