@@ -52,12 +52,16 @@ def worker(rank: int, world: int, port: int, case: str, out: str) -> None:
     if world == 1:  # one worker with the data-parallel code path (its BatchNorm included)
         import ticketsearch.methods.base as base
         base.Shard.current = classmethod(lambda cls: cls(0, 1))
-    try:
-        state = final_state(case)
-        if rank == 0:
-            torch.save(state, out)
-    finally:
-        dist.destroy_process_group()
+    state = final_state(case)
+    if rank == 0:
+        torch.save(state, out)
+    # Leave together and skip the interpreter's teardown: gloo's worker threads can still hold
+    # work objects when Python finalises, which aborted a rank (SIGABRT) after its work was done.
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
