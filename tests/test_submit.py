@@ -143,6 +143,31 @@ def test_invalid_spec_fails_before_anything_is_sent(clean_env, job_file):
         submit_job(job_file, closed)
 
 
+def test_a_job_agent_not_up_yet_is_waited_for(monkeypatch):
+    """A head that has just started answers 500 "No available agent ... try again later"
+    until its job agent is up (seen under load in CI): the call is tried again."""
+    import ticketsearch.submit as submit
+
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    api = object.__new__(submit._Api)
+    api.url = "http://127.0.0.1:1"
+    answers = iter([RuntimeError("Request failed with status code 500: No available agent to "
+                                 "submit job, please try again later.")] * 2 + ["raysubmit_1"])
+
+    def submit_once():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert api.call("submit the job", submit_once) == "raysubmit_1"
+    monkeypatch.setattr(submit, "AGENT_WAIT_S", 0.0)
+    never = RuntimeError("Request failed with status code 500: No available agent to submit "
+                         "job, please try again later.")
+    with pytest.raises(submit.SubmitError, match="No available agent"):
+        api.call("submit the job", lambda: (_ for _ in ()).throw(never))
+
+
 def test_closed_port_exits_2_naming_the_address(job_file, tmp_path):
     closed = f"http://{HOST}:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}

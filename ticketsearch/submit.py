@@ -125,6 +125,13 @@ def _address_env_cleared() -> Iterator[None]:
 # --- talking to the Job API -------------------------------------------------------------------
 
 
+AGENT_WAIT_S = 60.0  # how long a just-started head may take to bring up its job agent
+
+
+class _AgentNotReady(RuntimeError):
+    """The Job API answered that no job agent is available yet ("try again later")."""
+
+
 class _Api:
     """A connected ``JobSubmissionClient`` whose failures become SubmitErrors that name the
     address and what to check."""
@@ -142,7 +149,20 @@ class _Api:
             return JobSubmissionClient(self.url, headers=headers)
 
     def call(self, action: str, fn: Callable[[], Any], job_id: str | None = None) -> Any:
-        """Run ``fn`` and translate connection, authentication and request failures."""
+        """Run ``fn`` and translate connection, authentication and request failures. While
+        the cluster says its job agent is not up yet (a head that has just started), try
+        again for up to ``AGENT_WAIT_S`` seconds."""
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return self._call_once(action, fn, job_id)
+            except _AgentNotReady as err:
+                if time.monotonic() >= deadline:
+                    raise SubmitError(f"the Ray job API at {self.url} refused to {action}: "
+                                      f"{err} (for {AGENT_WAIT_S:.0f} s)") from None
+                time.sleep(1.0)
+
+    def _call_once(self, action: str, fn: Callable[[], Any], job_id: str | None) -> Any:
         import requests
         from ray.exceptions import AuthenticationError
 
@@ -158,6 +178,8 @@ class _Api:
                 "(ray start --head --dashboard-host 0.0.0.0)") from None
         except RuntimeError as err:
             text = str(err)
+            if "No available agent" in text:
+                raise _AgentNotReady(_first_line(err)) from None
             if job_id is not None and ("404" in text or "does not exist" in text):
                 raise SubmitError(f"no job {job_id} on the Ray cluster at {self.url}; "
                                   f"`ray job list --address {self.url}` lists its jobs") from None
