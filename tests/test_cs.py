@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ticketsearch.sparsity import cs
-from ticketsearch.sparsity.masks import add_soft_masks, soft_masks
+from ticketsearch.sparsity.masks import add_soft_masks, mask_parameters, soft_masks
 from ticketsearch.training import make_optimizer
 
 
@@ -61,7 +61,7 @@ def test_no_weight_decay_reaches_mask_logits():
     net = net_with_masks(0.5)
     train = SimpleNamespace(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.5)
     opt = make_optimizer(net, train)
-    logits = [m.logits for m in soft_masks(net).values()]
+    logits = mask_parameters(net)
     groups = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert all(groups[id(p)] == 0.0 for p in logits)
     weight = net[0].parametrizations.weight.original
@@ -114,3 +114,25 @@ def test_ticket_mask_is_strictly_positive_logits_and_sparsity_counts_nonpositive
     # float32 soft mask underflow must not matter: huge beta, tiny positive logit stays kept
     cs.set_beta(net, 1e6)
     assert math.isclose(cs.cs_sparsity(net), 5 / 8)
+
+
+def test_all_logits_are_views_of_one_flat_parameter_computed_once_per_pass(monkeypatch):
+    """One soft-mask kernel: the logits of every masked layer live in one flat parameter (the
+    optimizer sees one tensor), each layer's logits are a view of it, and a forward pass plus
+    the penalty compute the sigmoid once for all layers."""
+    net = net_with_masks(-0.1)
+    (flat,) = mask_parameters(net)
+    masks = soft_masks(net)
+    assert flat.numel() == sum(m.logits.numel() for m in masks.values()) == 5 * 4 + 4 * 3
+    with torch.no_grad():
+        masks["2"].logits.fill_(0.25)  # a view: writes the flat parameter
+    assert torch.equal(flat[20:], torch.full((12,), 0.25))
+    calls = []
+    real = torch.sigmoid
+    monkeypatch.setattr(torch, "sigmoid", lambda t: calls.append(t.shape) or real(t))
+    loss = net(torch.randn(3, 5)).sum() + 1e-3 * cs.l0_penalty(net)
+    assert calls == [torch.Size([32])]
+    loss.backward()
+    assert flat.grad is not None and flat.grad.shape == (32,)
+    net(torch.randn(3, 5))  # the next pass computes afresh
+    assert len(calls) == 2

@@ -232,7 +232,8 @@ def reference(tmp_path_factory, digits):
 
 def comparable(event: dict) -> dict:
     """An epoch event without its timing, which differs between runs."""
-    return {k: v for k, v in event.items() if k not in ("seconds", "t")}
+    return {k: v for k, v in event.items()
+            if k not in ("seconds", "t", "eval_seconds", "finished_at")}
 
 
 def assert_same_tickets(resumed, ref) -> None:
@@ -283,7 +284,7 @@ def crash_then_resume(trial, digits, trial_dir, crash_step: int, lost: int):
         run_trial(trial, digits, CrashingHooks(trial_dir, crash_step))
     assert [e["step"] for e in read_events(trial_dir, "epoch")] == list(range(crash_step + 1))
     state = torch.load(trial_dir / "checkpoint.pt", weights_only=True)
-    assert len(state["ledger"]["entries"]) == crash_step + 1 - lost
+    assert state["ledger"]["entries"] == crash_step + 1 - lost  # a count: the events hold them
     return run_trial(trial, digits, TrialDirHooks(trial_dir))
 
 
@@ -373,3 +374,53 @@ def test_a_checkpoint_of_another_version_is_refused(tmp_path, digits):
     torch.save(future, trial_dir / "checkpoint.pt")
     with pytest.raises(ValueError, match="delete it to start the trial over"):
         run_trial(trial, digits, TrialDirHooks(trial_dir))
+
+
+# --------------------------------------------------------------------------- lean checkpoints
+
+
+class SizeHooks(TrialDirHooks):
+    """Records the size of every checkpoint written, by the rounds done before it."""
+
+    def __init__(self, trial_dir):
+        super().__init__(trial_dir)
+        self.sizes: dict[int, int] = {}
+        self.saves = 0
+
+    def save_checkpoint(self, state) -> None:
+        super().save_checkpoint(state)
+        self.saves += 1
+        self.sizes[len(state["rounds"])] = self.checkpoint_path.stat().st_size
+
+
+def test_a_checkpoint_does_not_grow_with_the_rounds_and_tickets_done(tmp_path, digits):
+    """After 30 IMP rounds (30 tickets, 60 ledger entries) the checkpoint is no larger than
+    after one round, give or take the model's own state: tickets and ledger entries already
+    on disk are referenced, not rewritten."""
+    train = TRAIN | {"epochs_per_round": 2, "lr_milestones": [], "checkpoint_every": None}
+    job = parse_job({"name": "lean", "data": {"dataset": "digits"},
+                     "model": {"name": "mlp", "mlp_hidden": LAYER_SIZES[1:-1]},
+                     "train": train, "methods": {"imp": {"rounds": 31}},
+                     "retrain": {"enabled": False}})
+    (trial,) = job.trials()
+    hooks = SizeHooks(tmp_path / "imp")
+    result = run_trial(trial, digits, hooks)
+    assert len(result.tickets) == 31
+    model_bytes = 2 * 4 * MASKED_WEIGHTS  # float32 weights and their float32 masks
+    assert max(hooks.sizes) == 30  # the checkpoint at the start of round 31
+    assert hooks.sizes[max(hooks.sizes)] <= hooks.sizes[1] + model_bytes
+
+
+@pytest.mark.parametrize(("every_s", "saves"), [(1e-9, E - 1), (1e9, 0)])
+def test_checkpoints_are_taken_by_time_and_at_round_starts(tmp_path, digits, every_s, saves):
+    """With no epoch count, a round checkpoints once checkpoint_every_s has passed: here
+    after every epoch but its last (whose checkpoint is the next round's start), or never."""
+    train = TRAIN | {"checkpoint_every": None, "checkpoint_every_s": every_s}
+    job = parse_job({"name": "by-time", "data": {"dataset": "digits"},
+                     "model": {"name": "mlp", "mlp_hidden": LAYER_SIZES[1:-1]},
+                     "train": train, "methods": {"dense": {}}})
+    (trial,) = job.trials()
+    hooks = SizeHooks(tmp_path / "dense")
+    result = run_trial(trial, digits, hooks)
+    assert result.ledger.epochs() == E
+    assert hooks.saves == saves  # a dense trial is one round: no round-start checkpoint

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .masks import soft_masks
+from .masks import mask_bank, soft_masks
 
 
 def beta_for_epoch(epoch: int, epochs: int, beta_final: float) -> float:
@@ -33,30 +33,28 @@ def beta_for_iteration(iteration: int, iterations: int, beta_final: float) -> fl
 
 def set_beta(model: nn.Module, beta: float) -> None:
     """Set the temperature of every soft mask of ``model``."""
-    for mask in soft_masks(model).values():
-        mask.beta.fill_(beta)
+    bank = mask_bank(model)
+    if bank is not None:
+        bank.beta.fill_(beta)
 
 
 def current_beta(model: nn.Module) -> float:
     """The temperature of the model's soft masks (they share one)."""
-    for mask in soft_masks(model).values():
-        return float(mask.beta)
-    return 1.0
+    bank = mask_bank(model)
+    return 1.0 if bank is None else float(bank.beta)
 
 
 def l0_penalty(model: nn.Module) -> Tensor:
     """``sum(m)`` over every entry of every soft mask: the relaxed L0 norm (a sum, not a mean).
 
-    Reuses the masks computed by the last forward pass (and releases them); masks not used
-    in a forward pass since the last call are computed afresh.
+    Reuses the masks of the model's last forward pass and releases them (computed afresh
+    when there are none).
     """
-    total = None
-    for mask in soft_masks(model).values():
-        m = mask.last if mask.last is not None else mask.soft_mask()
-        mask.last = None
-        total = m.sum() if total is None else total + m.sum()
-    if total is None:
+    bank = mask_bank(model)
+    if bank is None:
         raise ValueError("model has no soft masks; call add_soft_masks first")
+    total = bank.soft_mask().sum()
+    bank.forget()
     return total
 
 
@@ -71,13 +69,11 @@ def threshold_step(model: nn.Module, multiplier: Tensor, density: float, rate: f
     the threshold comes back if the data gradient lifts it above the others, and a target
     already met leaves ``tau`` at 0.
     """
-    masks = list(soft_masks(model).values())
-    logits = torch.cat([mask.logits.flatten() for mask in masks])
+    logits = mask_bank(model).logits
     pruned = min(max(round((1.0 - density) * logits.numel()), 1), logits.numel())
     gap = torch.kthvalue(logits, pruned).values
     shift = torch.maximum(rate * gap, -multiplier)
-    for mask in masks:
-        mask.logits.sub_(shift)
+    logits.sub_(shift)
     multiplier.add_(shift)
 
 
@@ -85,16 +81,16 @@ def threshold_step(model: nn.Module, multiplier: Tensor, density: float, rate: f
 def round_to_density(model: nn.Module, density: float) -> dict[str, Tensor]:
     """Binary masks keeping exactly ``round(density * n)`` of the ``n`` masked entries, those
     with the largest logits (ties broken by position): a ticket at the target to one weight."""
-    masks = soft_masks(model)
-    logits = torch.cat([mask.logits.flatten() for mask in masks.values()])
+    logits = mask_bank(model).logits
     keep = torch.zeros(logits.numel(), dtype=torch.bool, device=logits.device)
     keep[torch.topk(logits, round(density * logits.numel()), sorted=False).indices] = True
-    out, start = {}, 0
-    for name, mask in masks.items():
-        n = mask.logits.numel()
-        out[name] = keep[start:start + n].view_as(mask.logits).cpu()
-        start += n
-    return out
+    return per_layer(model, keep.cpu())
+
+
+def per_layer(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
+    """A flat tensor laid out as the model's mask bank, split into its layers' shapes."""
+    return {name: flat[mask.start:mask.start + mask.numel].view(mask.shape)
+            for name, mask in soft_masks(model).items()}
 
 
 @torch.no_grad()
@@ -107,23 +103,21 @@ def soft_reset(model: nn.Module, rule: str, beta_end: float) -> None:
     if rule not in ("scaled", "clip"):
         raise ValueError(f"soft_reset must be 'scaled' or 'clip', got {rule!r}")
     scale = float(beta_end) if rule == "scaled" else 1.0
-    for mask in soft_masks(model).values():
-        mask.logits.copy_(torch.minimum(scale * mask.logits, mask.s0))
-        mask.beta.fill_(1.0)
+    bank = mask_bank(model)
+    bank.logits.copy_(torch.minimum(scale * bank.logits, bank.s0))
+    bank.beta.fill_(1.0)
 
 
 @torch.no_grad()
 def ticket_masks(model: nn.Module) -> dict[str, Tensor]:
     """The binary ticket mask of each soft-masked layer: ``s > 0`` (strict)."""
-    return {name: (mask.logits > 0).cpu() for name, mask in soft_masks(model).items()}
+    return per_layer(model, (mask_bank(model).logits > 0).cpu())
 
 
 @torch.no_grad()
 def cs_sparsity(model: nn.Module) -> float:
     """Fraction of masked entries with ``s <= 0`` (what the ticket would prune)."""
-    pruned = 0
-    total = 0
-    for mask in soft_masks(model).values():
-        pruned += int((mask.logits <= 0).sum())
-        total += mask.logits.numel()
-    return pruned / total if total else 0.0
+    bank = mask_bank(model)
+    if bank is None or bank.logits.numel() == 0:
+        return 0.0
+    return int((bank.logits <= 0).sum()) / bank.logits.numel()

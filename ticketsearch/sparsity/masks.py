@@ -16,6 +16,7 @@ Two kinds of mask:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -42,38 +43,78 @@ class BinaryMask(nn.Module):
         return self.mask != 0
 
 
-class SoftMask(nn.Module):
-    """Continuous Sparsification mask ``sigmoid(beta * s) / sigmoid(s0)``.
+class SoftMaskBank(nn.Module):
+    """Every CS mask logit of a model in one flat parameter, so a training step computes all
+    soft masks (``sigmoid(beta * s) / sigmoid(s0)``) and the L0 penalty in a handful of
+    kernels, whatever the number of masked layers.
 
-    ``s`` (``logits``) starts at the constant ``s0`` and ``beta`` at 1, so the mask is exactly 1
-    at the start of a round. ``beta * s`` is clamped at ``-LOGIT_FLOOR`` before the sigmoid:
-    below that the mask is ~1e-22 either way, and the clamp keeps float32 subnormals (which
-    slow CPU arithmetic ~100x) out of the forward and backward passes. The last mask computed in ``forward`` is kept (``last``) so the L0
-    penalty can reuse it without recomputing the sigmoid; it is dropped when the module is
-    copied or pickled.
+    The first masked layer's ``SoftMask`` holds it (so it is saved once, with the mask
+    entries of the state dict); every layer's ``SoftMask`` is a view of its part. The flat mask is computed once per forward pass of the model (a forward
+    pre-hook forgets the previous one) and reused by every layer and by the penalty.
+    ``beta * s`` is clamped at ``-LOGIT_FLOOR`` before the sigmoid: below that the mask is
+    ~1e-22 either way, and the clamp keeps float32 subnormals (which slow CPU arithmetic
+    ~100x) out of the forward and backward passes.
     """
 
-    def __init__(self, shape: torch.Size, s0: float, device=None, dtype=torch.float32):
+    def __init__(self, size: int, s0: float, device=None, dtype=torch.float32):
         super().__init__()
-        self.logits = nn.Parameter(torch.full(tuple(shape), float(s0), device=device, dtype=dtype))
+        self.logits = nn.Parameter(torch.full((size,), float(s0), device=device, dtype=dtype))
         self.register_buffer("beta", torch.ones((), device=device, dtype=dtype))
         self.register_buffer("s0", torch.tensor(float(s0), device=device, dtype=dtype))
         self.register_buffer("scale", 1.0 / torch.sigmoid(self.s0))
-        self.last: Tensor | None = None
+        self.cached: tuple[tuple, Tensor] | None = None  # (what it was computed from, mask)
 
     def soft_mask(self) -> Tensor:
-        return torch.sigmoid((self.beta * self.logits).clamp(min=-LOGIT_FLOOR)) * self.scale
+        """The flat soft mask of this forward pass (computed on first use, and again once
+        the logits or beta change in place or grad mode flips)."""
+        key = (self.logits._version, self.beta._version, torch.is_grad_enabled())
+        if self.cached is None or self.cached[0] != key:
+            z = (self.beta * self.logits).clamp(min=-LOGIT_FLOOR)
+            self.cached = (key, torch.sigmoid(z) * self.scale)
+        return self.cached[1]
 
-    def forward(self, weight: Tensor) -> Tensor:
-        mask = self.soft_mask()
-        self.last = mask
-        return weight * mask
+    def forget(self, *_) -> None:
+        """Drop the cached mask (a forward pre-hook of the model: every pass computes anew)."""
+        self.cached = None
 
     def __getstate__(self):
-        state = super().__getstate__()
-        state = dict(state)
-        state["last"] = None
-        return state
+        return dict(super().__getstate__()) | {"cached": None}
+
+
+class SoftMask(nn.Module):
+    """Continuous Sparsification mask ``sigmoid(beta * s) / sigmoid(s0)`` of one layer: the
+    slice ``[start, start + numel)`` of its model's ``SoftMaskBank``, shaped as the weight.
+
+    ``s`` (``logits``, a view of the bank's parameter) starts at ``s0`` and ``beta`` at 1, so
+    the mask is exactly 1 at the start of a round.
+    """
+
+    def __init__(self, bank: SoftMaskBank, start: int, shape: torch.Size):
+        super().__init__()
+        if start == 0:
+            self.bank = bank  # a submodule of the first layer's mask only: saved once
+        else:
+            object.__setattr__(self, "bank", bank)
+        self.start, self.shape = start, tuple(shape)
+        self.numel = math.prod(self.shape)
+
+    @property
+    def logits(self) -> Tensor:
+        return self.bank.logits[self.start:self.start + self.numel].view(self.shape)
+
+    @property
+    def beta(self) -> Tensor:
+        return self.bank.beta
+
+    @property
+    def s0(self) -> Tensor:
+        return self.bank.s0
+
+    def soft_mask(self) -> Tensor:
+        return self.bank.soft_mask()[self.start:self.start + self.numel].view(self.shape)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.soft_mask()
 
 
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -104,14 +145,31 @@ def _modules_by_name(model: nn.Module, names) -> dict[str, nn.Module]:
 
 
 def add_soft_masks(model: nn.Module, layer_names, s0: float) -> dict[str, SoftMask]:
-    """Mask the weight of each named layer with a fresh ``SoftMask`` at ``s0``."""
-    added = {}
-    for name, module in _modules_by_name(model, layer_names).items():
-        weight = module.weight
-        mask = SoftMask(weight.shape, s0, device=weight.device, dtype=weight.dtype)
+    """Mask the weight of each named layer with a ``SoftMask`` at ``s0``, all of them views
+    of one ``SoftMaskBank`` (once: a model has one set of soft masks)."""
+    if soft_masks(model):
+        raise ValueError("the model has soft masks already")
+    layers = _modules_by_name(model, layer_names)
+    if not layers:
+        return {}
+    first = next(iter(layers.values())).weight
+    bank = SoftMaskBank(sum(m.weight.numel() for m in layers.values()), s0,
+                        device=first.device, dtype=first.dtype)
+    model.register_forward_pre_hook(bank.forget)
+    added, start = {}, 0
+    for name, module in layers.items():
+        mask = SoftMask(bank, start, module.weight.shape)
         parametrize.register_parametrization(module, "weight", mask, unsafe=True)
         added[name] = mask
+        start += mask.numel
     return added
+
+
+def mask_bank(model: nn.Module) -> SoftMaskBank | None:
+    """The model's soft-mask bank (None without soft masks)."""
+    for mask in soft_masks(model).values():
+        return mask.bank
+    return None
 
 
 def add_binary_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, BinaryMask]:
@@ -162,8 +220,9 @@ def dense_weights(model: nn.Module) -> dict[str, Tensor]:
 
 
 def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Trainable mask parameters (CS logits)."""
-    return [mask.logits for mask in soft_masks(model).values()]
+    """Trainable mask parameters (the CS logits: one flat parameter)."""
+    bank = mask_bank(model)
+    return [] if bank is None else [bank.logits]
 
 
 def _dense_key(key: str) -> str | None:
