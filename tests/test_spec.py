@@ -129,7 +129,7 @@ def test_unknown_nested_key_names_the_path_and_allowed_keys() -> None:
     (line,) = problems_of(minimal(train={"epochz": 3}))
     assert line.startswith(
         "train.epochz: unknown key; allowed keys are: batch_size, channels_last, "
-        "checkpoint_every, compile, device, epochs_per_round, eval_every, lr, lr_gamma, "
+        "checkpoint_every, checkpoint_every_s, compile, device, epochs_per_round, eval_every, lr, lr_gamma, "
         "lr_milestones, momentum, nesterov, precision, rewind_epoch, weight_decay"
     )
 

@@ -25,6 +25,7 @@ from .jobdir import ERROR_FILE, read_result, read_trial_error, write_trial_error
 from .spec import JobSpec
 
 PROGRESS_EVERY_S = 10.0
+REPORT_EVERY_S = 2.0  # Tune results at most this often (and at round ends)
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -35,8 +36,10 @@ class ClusterError(RuntimeError):
 # --- inside a trial ---------------------------------------------------------------------------
 
 
-def tune_reporter(planned: int) -> Callable[[Any], None]:
-    """A progress sink reporting every epoch to Tune as a result.
+def tune_reporter(planned: int, every_s: float = REPORT_EVERY_S) -> Callable[[Any], None]:
+    """A progress sink reporting epochs to Tune as results: the latest epoch at most every
+    ``every_s`` seconds and at every round end (a Tune report costs about as much as a small
+    model's epoch; the trial directory and MLflow still get every epoch).
 
     (Checkpoints stay in the trial directory, on storage every node sees, not in Tune's
     checkpoint store: Tune prunes old checkpoints while its experiment snapshot can still
@@ -44,10 +47,20 @@ def tune_reporter(planned: int) -> Callable[[Any], None]:
     restore.)"""
     from ray import tune
 
+    last: dict[str, Any] = {"at": float("-inf"), "event": None}
+
+    def send(event: EpochEvent) -> None:
+        tune.report({"step": event.step + 1, "epochs_planned": planned,
+                     "phase": event.phase, **event.metrics()})
+        last["at"], last["event"] = time.monotonic(), None
+
     def report(event) -> None:
         if isinstance(event, EpochEvent):
-            tune.report({"step": event.step + 1, "epochs_planned": planned,
-                         "phase": event.phase, **event.metrics()})
+            last["event"] = event
+            if time.monotonic() - last["at"] >= every_s:
+                send(event)
+        elif last["event"] is not None:  # a round ended: its last epoch goes out now
+            send(last["event"])
 
     return report
 

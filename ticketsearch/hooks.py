@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .tickets import Ticket
     from .training import EpochLedger
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: CS logits in one flat bank; tickets and ledger entries by reference
 CHECKPOINT_KEYS = frozenset({
     "version", "method", "trial_id", "stage", "stage_index", "round", "epoch", "model",
     "optimizer", "generator", "torch_rng", "snapshot", "ledger", "tickets", "pending", "rounds",
@@ -62,6 +62,8 @@ class EpochEvent:
     sparsity: float
     seconds: float
     recipe: str | None = None  # retraining recipe (retrain phase only)
+    eval_seconds: float = 0.0  # the ledger entry's evaluation time and end time, so the
+    finished_at: float = 0.0  # ledger can be read back from the event log
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics of this epoch (None values left out)."""
@@ -100,7 +102,9 @@ class Hooks:
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Persist ``state`` (tensors and plain values). Its tensors are the live ones:
-        write or copy them before returning."""
+        write or copy them before returning. Its ``tickets`` were all passed to
+        ``ticket_found`` and its ledger entries to ``epoch_end`` first, so hooks that keep
+        those may store references to them and give them back in ``load_checkpoint``."""
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         return None

@@ -34,7 +34,7 @@ import torch
 
 from .hooks import CheckpointError, EpochEvent, Hooks, RoundEvent, TrialResult
 from .records import TrialRecord, read_record, record_json
-from .tickets import Ticket
+from .tickets import Ticket, load_ticket_dir
 
 LOCK_FILE = "driver.lock"
 ERROR_FILE = "error.json"  # a trial's deterministic failure (not retried)
@@ -259,8 +259,13 @@ class TrialDirHooks(Hooks):
         self._append("ticket", {"name": ticket.name, "path": str(target), **ticket.summary()})
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write ``state`` with its tickets and ledger entries by reference (the ticket
+        folders and the event log hold them), so a checkpoint does not grow with the epochs
+        and tickets a trial has done."""
+        ledger = state["ledger"] | {"entries": len(state["ledger"]["entries"])}
+        tickets = [{"name": t["name"]} for t in state["tickets"]]
         tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
-        torch.save(state, tmp)
+        torch.save(state | {"ledger": ledger, "tickets": tickets}, tmp)
         os.replace(tmp, self.checkpoint_path)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
@@ -279,16 +284,39 @@ class TrialDirHooks(Hooks):
         if not isinstance(state, dict) or not {"ledger", "rounds", "tickets"} <= state.keys():
             raise CheckpointError(f"{self.checkpoint_path}: not a ticketsearch checkpoint; "
                                   "delete it to start the trial over")
-        self._truncate_events(state)
-        return state
+        kept = self._truncate_events(state)
+        return self._dereference(state, kept)
 
-    def _truncate_events(self, state: dict[str, Any]) -> None:
+    def _dereference(self, state: dict[str, Any], events: list[dict]) -> dict[str, Any]:
+        """``state`` with the ledger entries and tickets it refers to read back from the
+        kept ``events`` and the ticket folders."""
+        ledger = state["ledger"]
+        epochs = [e for e in events if e.get("kind") == "epoch"]
+        if isinstance(ledger["entries"], int) and len(epochs) == ledger["entries"]:
+            ledger = ledger | {"entries": [_ledger_entry(e) for e in epochs]}
+        tickets = [t if "masks" in t else self._ticket_state(t["name"])
+                   for t in state["tickets"]]
+        return state | {"ledger": ledger, "tickets": tickets}
+
+    def _ticket_state(self, name: str) -> dict[str, Any]:
+        folder = self.dir / "tickets" / name
+        try:
+            ticket = load_ticket_dir(folder)
+        except Exception as err:
+            raise CheckpointError(f"{folder}: the checkpoint refers to this ticket, which "
+                                  f"cannot be read ({err}); delete {self.checkpoint_path} to "
+                                  "start the trial over") from None
+        return {"name": name, "masks": ticket.masks, "meta": ticket.meta, "trained": None}
+
+    def _truncate_events(self, state: dict[str, Any]) -> list[dict[str, Any]]:
         """Keep only the events the checkpoint already accounts for (and every attempt's
-        start); remember how many epochs were reported and when each attempt was alive."""
+        start); remember how many epochs were reported and when each attempt was alive.
+        Returns the events kept."""
         events = read_jsonl(self.events_path)
         self._windows = _attempt_windows(events)
-        limits = {"epoch": len(state["ledger"]["entries"]), "round": len(state["rounds"]),
-                  "ticket": len(state["tickets"])}
+        entries = state["ledger"]["entries"]
+        limits = {"epoch": entries if isinstance(entries, int) else len(entries),
+                  "round": len(state["rounds"]), "ticket": len(state["tickets"])}
         counts = dict.fromkeys(limits, 0)
         kept = []
         for event in events:
@@ -297,9 +325,10 @@ class TrialDirHooks(Hooks):
                 counts[kind] += 1
                 if counts[kind] > limits[kind]:
                     continue
-            kept.append(json.dumps(event))
+            kept.append(event)
         self._reported = counts["epoch"]
-        self.events_path.write_text("".join(line + "\n" for line in kept))
+        self.events_path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        return kept
 
     def epochs_reported(self) -> int:
         return self._reported
@@ -328,6 +357,13 @@ def read_trial_error(trial_dir: Path) -> str | None:
     """The message of the trial's recorded error, or None."""
     path = Path(trial_dir) / ERROR_FILE
     return json.loads(path.read_text())["message"] if path.exists() else None
+
+
+def _ledger_entry(event: dict[str, Any]) -> dict[str, Any]:
+    """The ledger entry (``training.LedgerEntry`` as a dict) an epoch event carries."""
+    return {"phase": event["phase"], "round": event["round"], "epoch": event["epoch"],
+            "seconds": event["seconds"], "eval_seconds": event.get("eval_seconds", 0.0),
+            "finished_at": event.get("finished_at") or event.get("t", 0.0)}
 
 
 def _attempt_windows(events: list[dict[str, Any]]) -> list[list[float]]:

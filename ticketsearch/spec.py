@@ -529,11 +529,17 @@ class TrainSpec(_Spec):
         description="torch.compile the model for training (its first epoch pays the "
         "compilation); off until measured worth it for your model and device.",
     )
-    checkpoint_every: int = Field(
-        5,
+    checkpoint_every_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds of training between trial checkpoints (taken at the next epoch "
+        "end); the end of each round is always checkpointed.",
+    )
+    checkpoint_every: int | None = Field(
+        None,
         ge=1,
-        description="Epochs between trial checkpoints; the end of each round is always "
-        "checkpointed.",
+        description="Also checkpoint every this many epochs inside a round (null = by time "
+        "only, checkpoint_every_s).",
     )
 
     @field_validator("compile", mode="before")

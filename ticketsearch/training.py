@@ -261,8 +261,11 @@ class EpochLedger:
     recomputed_epochs: int = 0
     attempts: list[list[float]] = field(default_factory=list)  # [start, end] unix times
 
-    def record(self, phase: str, round: int, epoch: int, seconds: float, eval_seconds: float):
-        self.entries.append(LedgerEntry(phase, round, epoch, seconds, eval_seconds, time.time()))
+    def record(self, phase: str, round: int, epoch: int, seconds: float,
+               eval_seconds: float) -> LedgerEntry:
+        entry = LedgerEntry(phase, round, epoch, seconds, eval_seconds, time.time())
+        self.entries.append(entry)
+        return entry
 
     def start_attempt(self) -> None:
         now = time.time()

@@ -6,8 +6,9 @@ order (``if run.enter("search"):``), loops ``for rnd in run.rounds(n)`` and trai
 with ``run.fit(model, optimizer, ...)``. Resumption needs nothing more from the runner:
 
 - ``fit`` checkpoints the whole trial at the start of every round after the first epoch of
-  the trial, every ``train.checkpoint_every`` epochs inside a round, and never after the last
-  epoch of a round (the next round's start is the next checkpoint);
+  the trial and, inside a round, at the first epoch end ``train.checkpoint_every_s`` seconds
+  after the last checkpoint (or every ``train.checkpoint_every`` epochs, when set), never
+  after the last epoch of a round (the next round's start is the next checkpoint);
 - when the trial resumes, ``enter`` skips the stages the checkpoint is past (their tickets,
   snapshot and round records come back with the checkpoint), ``rounds`` starts at the
   checkpointed round, and ``fit`` loads the checkpointed model, optimizer and random state
@@ -90,6 +91,7 @@ class TrialRun:
         self.optimizer: torch.optim.Optimizer | None = None
         self.stage, self.stage_index, self.round, self.epoch = "", -1, 0, 0
         self.resuming: dict[str, Any] | None = None  # the checkpoint, until fully restored
+        self.saved_at = time.monotonic()  # when the last checkpoint was written
 
     # --- the whole trial ------------------------------------------------------------------
     def run(self) -> TrialResult:
@@ -235,17 +237,18 @@ class TrialRun:
         val = test = None
         if last or (epoch + 1) % self.train.eval_every == 0:
             val, test = self._evaluate()
+        step = self.ledger.epochs()
+        entry = self.ledger.record(self.stage, self.round, epoch, stats.seconds,
+                                   time.perf_counter() - start)
         event = EpochEvent(
-            self.trial.trial_id, self.trial.method, self.stage, self.round, epoch,
-            self.ledger.epochs(), lr, cs.current_beta(self.model), stats.train_loss, val, test,
-            self._sparsity(), stats.seconds, recipe,
+            self.trial.trial_id, self.trial.method, self.stage, self.round, epoch, step, lr,
+            cs.current_beta(self.model), stats.train_loss, val, test, self._sparsity(),
+            stats.seconds, recipe, entry.eval_seconds, entry.finished_at,
         )
-        self.ledger.record(self.stage, self.round, epoch, stats.seconds,
-                           time.perf_counter() - start)
         self.ledger.touch()
         self.epoch += 1
         self.hooks.epoch_end(event)
-        if not last and self.epoch % self.train.checkpoint_every == 0:
+        if not last and checkpoint_due(self.train, self.epoch, self.saved_at):
             self.save()
         return val, test
 
@@ -275,6 +278,7 @@ class TrialRun:
         """Checkpoint the whole trial at the current position."""
         self.ledger.touch()
         self.hooks.save_checkpoint(self.state())
+        self.saved_at = time.monotonic()
 
     def state(self) -> dict[str, Any]:
         def ticket_state(t: Ticket, trained: bool = False):  # emitted ones are on disk
@@ -297,6 +301,10 @@ class TrialRun:
         """Take back everything but the model and optimizer, which ``fit`` restores when it
         reaches the checkpointed round."""
         check_checkpoint(state, self.trial.trial_id, self.trial.method)
+        if not isinstance(state["ledger"]["entries"], list):  # a reference not given back
+            raise CheckpointError(f"checkpoint of trial {self.trial.trial_id} counts "
+                                  f"{state['ledger']['entries']} epochs that its event log "
+                                  "does not hold; delete it to start the trial over")
         self.resuming = state
         self.generator.set_state(state["generator"])
         self.ledger = EpochLedger.from_dict(state["ledger"])
@@ -343,6 +351,16 @@ def model_meta(spec) -> dict[str, Any]:
         return {"model": spec.name, "model_kwargs": {"mlp_hidden": list(spec.mlp_hidden)}}
     meta = {"model": spec.label(), "model_kwargs": dict(spec.kwargs)}
     return meta | ({"model_factory": spec.factory} if spec.factory else {})
+
+
+def checkpoint_due(train, epochs_done: int, saved_at: float) -> bool:
+    """Whether a round with ``epochs_done`` epochs trained checkpoints now: every
+    ``train.checkpoint_every`` epochs when set, else ``train.checkpoint_every_s`` seconds
+    (monotonic) after the last checkpoint."""
+    every = train.checkpoint_every
+    if every is not None and epochs_done % every == 0:
+        return True
+    return time.monotonic() - saved_at >= train.checkpoint_every_s
 
 
 def _offset(hook: StepHook | None, offset: int) -> StepHook | None:
