@@ -49,8 +49,10 @@ class SoftMaskBank(nn.Module):
     kernels, whatever the number of masked layers.
 
     The first masked layer's ``SoftMask`` holds it (so it is saved once, with the mask
-    entries of the state dict); every layer's ``SoftMask`` is a view of its part. The flat mask is computed once per forward pass of the model (a forward
-    pre-hook forgets the previous one) and reused by every layer and by the penalty.
+    entries of the state dict); every layer's ``SoftMask`` is a view of its part. The flat
+    mask is computed once per forward pass of the model (a forward pre-hook forgets the
+    previous one), split into the layers' parts in one go (so the backward pass joins their
+    gradients in one go too) and reused by every layer and by the penalty.
     ``beta * s`` is clamped at ``-LOGIT_FLOOR`` before the sigmoid: below that the mask is
     ~1e-22 either way, and the clamp keeps float32 subnormals (which slow CPU arithmetic
     ~100x) out of the forward and backward passes.
@@ -62,16 +64,31 @@ class SoftMaskBank(nn.Module):
         self.register_buffer("beta", torch.ones((), device=device, dtype=dtype))
         self.register_buffer("s0", torch.tensor(float(s0), device=device, dtype=dtype))
         self.register_buffer("scale", 1.0 / torch.sigmoid(self.s0))
-        self.cached: tuple[tuple, Tensor] | None = None  # (what it was computed from, mask)
+        self.shapes: list[tuple[int, ...]] = []  # the layers' parts, in order
+        self.cached: tuple | None = None  # (what it was computed from, mask, its parts)
+
+    def add_layer(self, shape: torch.Size) -> int:
+        """Lay out the next ``shape``-d part of the logits; returns its index."""
+        self.shapes.append(tuple(shape))
+        return len(self.shapes) - 1
 
     def soft_mask(self) -> Tensor:
         """The flat soft mask of this forward pass (computed on first use, and again once
         the logits or beta change in place or grad mode flips)."""
+        return self._compute()[1]
+
+    def layer_mask(self, index: int) -> Tensor:
+        """Part ``index`` of ``soft_mask()``, shaped as its layer's weight."""
+        return self._compute()[2][index]
+
+    def _compute(self) -> tuple:
         key = (self.logits._version, self.beta._version, torch.is_grad_enabled())
         if self.cached is None or self.cached[0] != key:
             z = (self.beta * self.logits).clamp(min=-LOGIT_FLOOR)
-            self.cached = (key, torch.sigmoid(z) * self.scale)
-        return self.cached[1]
+            flat = torch.sigmoid(z) * self.scale
+            parts = flat.split([math.prod(shape) for shape in self.shapes])
+            self.cached = (key, flat, [p.view(s) for p, s in zip(parts, self.shapes)])
+        return self.cached
 
     def forget(self, *_) -> None:
         """Drop the cached mask (a forward pre-hook of the model: every pass computes anew)."""
@@ -97,6 +114,7 @@ class SoftMask(nn.Module):
             object.__setattr__(self, "bank", bank)
         self.start, self.shape = start, tuple(shape)
         self.numel = math.prod(self.shape)
+        self.index = bank.add_layer(shape)
 
     @property
     def logits(self) -> Tensor:
@@ -111,7 +129,7 @@ class SoftMask(nn.Module):
         return self.bank.s0
 
     def soft_mask(self) -> Tensor:
-        return self.bank.soft_mask()[self.start:self.start + self.numel].view(self.shape)
+        return self.bank.layer_mask(self.index)
 
     def forward(self, weight: Tensor) -> Tensor:
         return weight * self.soft_mask()
