@@ -340,6 +340,22 @@ def test_bench_overhead_prints_both_ratios(capsys):
     assert float(loop.group(1)) > 0
     header = out.splitlines()[0].split()
     assert "cs/dense" in header and "loop/minimal" in header
+    ratio = re.search(rf"^bookkeeping/epoch = {number} (meets|MISSES) the target <= 0\.10$",
+                      out, re.MULTILINE)
+    assert ratio is not None and float(ratio.group(1)) >= 0, out
+    rows = [line.split() for line in out.splitlines() if line.startswith("cs digits+mlp")]
+    assert [row[3:5] for row in rows] == [["by", "time"], ["every", "epoch"]]
+    assert all(row[2] == "60" for row in rows)  # epochs of the tracked trial, each counted
+
+
+def test_bookkeeping_is_what_passes_between_epochs_besides_training_and_evaluation():
+    """A checkpoint after every epoch shows up as bookkeeping (it is work between epochs)."""
+    from ticketsearch.bench import measure_bookkeeping
+
+    lean = measure_bookkeeping(epochs=6)
+    heavy = measure_bookkeeping(epochs=6, checkpoint_every=1)
+    assert lean["epochs"] == heavy["epochs"] == 6
+    assert 0 <= lean["bookkeeping_ms"] < heavy["bookkeeping_ms"]
 
 
 # --------------------------------------------------------------- checked before anything

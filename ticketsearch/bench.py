@@ -1,4 +1,5 @@
-"""``ticketsearch bench overhead``: what masking and our loop cost, measured side by side.
+"""``ticketsearch bench overhead``: what masking, our loop and a trial's bookkeeping cost,
+measured side by side.
 
 For each model, three epoch kinds run interleaved (rotating order) in one process:
 - ``dense``: the package's ``train_epoch`` on the unmasked model;
@@ -6,6 +7,10 @@ For each model, three epoch kinds run interleaved (rotating order) in one proces
 - ``minimal``: a hand-written PyTorch loop (zero_grad, forward, cross-entropy, backward,
   step) over the same batches with the same optimizer settings.
 It reports the median epoch seconds of each and the ratios CS/dense and loop/minimal.
+
+``measure_bookkeeping`` runs a real trial (its job directory, events, checkpoints and MLflow
+run on a local SQLite store) and reports what happens between epochs as a fraction of the
+training epoch.
 """
 
 from __future__ import annotations
@@ -224,4 +229,62 @@ def format_rows(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(str(row[h])) for row in rows)) for h in headers]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+# --- the bookkeeping of a trial: events, checkpoints, MLflow ------------------------------------
+
+BOOKKEEPING_TARGET = 0.10
+
+
+def measure_bookkeeping(epochs: int = 60, checkpoint_every: int | None = None) -> dict:
+    """One CS round of ``epochs`` epochs on digits + mlp, run as a job's trial is (job
+    directory, event log, checkpoints by the spec's rule, MLflow on a local SQLite store, in
+    this process): the seconds spent between one epoch's end and the next epoch's training
+    and evaluation (events, MLflow, checkpoints, the loop itself), relative to the training
+    epoch. ``checkpoint_every=1`` shows what a checkpoint after every epoch would cost."""
+    import tempfile
+
+    from .job import JobRun, run_one_trial
+    from .spec import parse_job
+
+    train = {"epochs_per_round": epochs, "lr_milestones": [], "rewind_epoch": 1,
+             "device": "cpu", "checkpoint_every": checkpoint_every}
+    job = parse_job({"name": "bench-bookkeeping", "data": {"dataset": "digits"},
+                     "model": {"name": "mlp"}, "train": train,
+                     "methods": {"cs": {"rounds": 1}}, "retrain": {"enabled": False}})
+    with tempfile.TemporaryDirectory() as folder:
+        run = JobRun(job, storage=folder, echo=lambda _: None)
+        run.open()
+        try:
+            (trial,) = run.trials
+            run_one_trial(trial, run.root, run.tracker)
+            entries = read_ledger_entries(run.trial_dir(trial))
+        finally:
+            run.release()
+    gaps = [b["finished_at"] - a["finished_at"] - b["seconds"] - b["eval_seconds"]
+            for a, b in zip(entries, entries[1:])]
+    train_s = sum(e["seconds"] for e in entries[1:])
+    return {"trial": "cs digits+mlp", "epochs": len(entries),
+            "checkpoints": "every epoch" if checkpoint_every == 1 else "by time (60 s)",
+            "epoch_ms": round(1000 * train_s / len(gaps), 2),
+            "bookkeeping_ms": round(1000 * sum(gaps) / len(gaps), 2),
+            "bookkeeping/epoch": round(sum(gaps) / train_s, 3)}
+
+
+def read_ledger_entries(trial_dir) -> list[dict]:
+    """The ledger entries a finished trial's event log carries, in order."""
+    from .jobdir import read_jsonl
+
+    return [e for e in read_jsonl(trial_dir / "events.jsonl") if e.get("kind") == "epoch"]
+
+
+def format_bookkeeping(rows: list[dict]) -> str:
+    lines = [format_rows(rows)]
+    for row in rows:
+        if row["checkpoints"].startswith("by time"):
+            ratio = row["bookkeeping/epoch"]
+            verdict = "meets" if ratio <= BOOKKEEPING_TARGET else "MISSES"
+            lines.append(f"bookkeeping/epoch = {ratio:.3f} {verdict} the target <= "
+                         f"{BOOKKEEPING_TARGET:.2f}")
     return "\n".join(lines)

@@ -403,11 +403,14 @@ def cmd_register(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_results, measure_overhead
+    from .bench import format_bookkeeping, format_results, measure_bookkeeping, measure_overhead
 
     results = [measure_overhead(m, repeats=args.repeats, device=args.device)
                for m in args.models.split(",")]
     print(format_results(results))
+    if args.bookkeeping:
+        print()
+        print(format_bookkeeping([measure_bookkeeping(), measure_bookkeeping(checkpoint_every=1)]))
     return 0
 
 
@@ -609,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--models", default="mlp,resnet20", help="comma-separated models")
     overhead.add_argument("--repeats", type=int, default=7, help="timed epochs per kind")
     overhead.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    overhead.add_argument("--no-bookkeeping", dest="bookkeeping", action="store_false",
+                          help="skip the trial bookkeeping measurement (a tracked CS trial "
+                          "of digits + mlp on the CPU)")
     overhead.set_defaults(func=cmd_bench)
     precision = bench_sub.add_parser(
         "precision", help="a CS epoch of resnet20 on CIFAR-shaped data under fp32, bf16, "
