@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -314,6 +315,43 @@ def test_journal_keeps_operations_in_order_until_the_store_answers(tmp_path, mon
     logger.submit(tracking.metrics_op({"x": 3}, 3))
     assert sent == [0, 1, 2, 3]
     assert not (tmp_path / "journal.jsonl").exists()
+
+
+def test_a_background_sender_never_keeps_the_trial_waiting_and_loses_nothing(
+        tmp_path, monkeypatch):
+    """With a sender thread, submit returns at once while the store is slow; close sends
+    the rest, in order. Whatever the thread had not sent when it stopped stays journalled
+    and a later replay (a resumed trial, ``sync``) sends it, in order."""
+    import threading
+
+    sent, gate = [], threading.Event()
+
+    def apply(self, op):
+        gate.wait(5)  # a store that takes its time
+        sent.append(op["items"][0]["values"]["x"])
+
+    monkeypatch.setattr(tracking.RunLogger, "_apply", apply)
+    monkeypatch.setattr(tracking, "client_for", lambda uri: None)
+    journal = tmp_path / "journal.jsonl"
+    logger = tracking.RunLogger("http://unused", "run", journal, background=True)
+    start = time.monotonic()
+    for x in range(5):
+        logger.submit(tracking.metrics_op({"x": x}, x))
+    assert time.monotonic() - start < 1.0 and sent == []
+    logger.stop()  # the thread stops after the operation it is sending
+    gate.set()
+    waiting = [json.loads(line)["items"][0]["values"]["x"]
+               for line in journal.read_text().splitlines()]
+    assert len(sent) <= 1 and sent + waiting == [0, 1, 2, 3, 4]
+    later = tracking.RunLogger("http://unused", "run", journal)
+    assert later.replay(force=True)
+    assert sent == [0, 1, 2, 3, 4] and not journal.exists()
+
+    again = tracking.RunLogger("http://unused", "run", journal, background=True)
+    for x in range(5, 8):
+        again.submit(tracking.metrics_op({"x": x}, x))
+    assert again.close()
+    assert sent == list(range(8)) and not journal.exists()
 
 
 def test_flat_params_flattens_and_truncates():

@@ -221,12 +221,21 @@ class OutageHooks(tracking.MlflowHooks):
     def epoch_end(self, event) -> None:
         super().epoch_end(event)
         if event.step == self.stop_at:
+            assert wait_until_sent(self.logger)  # what came before the outage is delivered
             self.server.stop()
         elif event.step == self.stop_at + 3:
             journal = self.logger.journal
             lines = journal.read_text().splitlines() if journal.exists() else []
             self.journal_before_restart = [json.loads(line) for line in lines]
             self.server.start()
+
+
+def wait_until_sent(logger, timeout: float = 20.0) -> bool:
+    """Wait for a logger's sender thread to empty its journal; True if it did."""
+    deadline = time.monotonic() + timeout
+    while logger.journal.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not logger.journal.exists()
 
 
 def epoch_steps(ops: list[dict]) -> list[int]:
@@ -251,7 +260,7 @@ def test_a_server_restarted_mid_trial_receives_every_epoch(own_server, tmp_path,
     run_id = jt.trial_runs[trial.trial_id]
     hooks = OutageHooks(TrialDirHooks(trial_dir), jt.uri, run_id, own_server, stop_at=2)
     result = run_trial(trial, digits, hooks)
-    assert not (trial_dir / tracking.PENDING_FILE).exists()  # replayed once the server was back
+    assert wait_until_sent(hooks.logger)  # the sender delivered it once the server was back
     TrialDirHooks(trial_dir).write_result(result)
     assert hooks.finish(result) is True
     journaled = epoch_steps(hooks.journal_before_restart)
@@ -330,12 +339,14 @@ def test_a_resumed_trial_sends_every_step_once(shared_server, tmp_path, digits):
     job = job_of("resume-once", shared_server.uri, imp={"rounds": 3})
     trial, trial_dir, jt = tracked_trial(job, tmp_path / "storage")
     run_id = jt.trial_runs[trial.trial_id]
+    crashed = tracking.MlflowHooks(CrashAfterTicket(trial_dir), jt.uri, run_id)
     with pytest.raises(RuntimeError, match="killed after ticket"):
-        run_trial(trial, digits, tracking.MlflowHooks(CrashAfterTicket(trial_dir), jt.uri, run_id))
+        run_trial(trial, digits, crashed)
+    assert crashed.logger.close()  # its sender delivered everything before the worker died
     client = MlflowClient(shared_server.uri)
     sent_before = step_values(client, run_id, "train_loss")
     state = torch.load(trial_dir / "checkpoint.pt", weights_only=True)
-    checkpointed = len(state["ledger"]["entries"])
+    checkpointed = state["ledger"]["entries"]  # a count: the event log holds them
     assert sent_before == list(range(len(sent_before)))
     assert checkpointed < len(sent_before)  # epochs sent after the last checkpoint: retrained
     hooks = tracking.MlflowHooks(TrialDirHooks(trial_dir), jt.uri, run_id)

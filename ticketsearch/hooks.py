@@ -121,6 +121,9 @@ class Hooks:
         the work after its last checkpoint (which the checkpoint's ledger does not know)."""
         return []
 
+    def stop(self) -> None:
+        """The trial stopped before finishing: end any work running in the background."""
+
 
 @dataclass
 class TrialResult:

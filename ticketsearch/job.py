@@ -224,7 +224,11 @@ def run_one_trial(trial: TrialSpec, root: Path, tracker, data=None,
     hooks = tracker.trial_hooks(dir_hooks, trial.trial_id)
     if data is None:
         data = load_dataset(trial.data, resolve_device(trial.train.device))
-    result = run_trial(trial, data, hooks)
+    try:
+        result = run_trial(trial, data, hooks)
+    except BaseException:
+        hooks.stop()  # what was not sent stays in the trial's journal
+        raise
     record = dir_hooks.write_result(result, trial, tracker.run_id(trial.trial_id))
     return record, tracker.finish_trial(hooks, result)
 

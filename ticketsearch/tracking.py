@@ -27,6 +27,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -451,16 +452,18 @@ def _has_pending(trial_dir: Path) -> bool:
 
 class RunLogger:
     """Sends operations to one MLflow run in order, through a journal (see the module
-    docstring): ``submit`` appends an operation to the journal, then sends what it holds.
+    docstring): ``submit`` appends an operation to the journal, then sends what it holds —
+    right away, or, with ``background=True``, from a sender thread, so the trial never waits
+    for the store (``close`` stops the thread and sends what is left).
 
     An operation may carry a ``mark`` — ``{"step": N}`` (epoch metrics up to step N) or
     ``{"key": K}`` (a round's or a ticket's metrics) — and ``marks`` holds every mark handed
     over so far (kept in ``mlflow_sent.json`` and in the journal), so a resumed trial can skip
     what it logged before. Sending an operation again is harmless: metrics keep their
     original timestamps (MLflow's store ignores an exact duplicate); tags, status and
-    artifacts overwrite."""
+    artifacts overwrite; a ticket's run is found again by its key."""
 
-    def __init__(self, uri: str, run_id: str, journal: Path):
+    def __init__(self, uri: str, run_id: str, journal: Path, background: bool = False):
         self.uri = uri
         self.run_id = run_id
         self.journal = Path(journal)
@@ -468,14 +471,40 @@ class RunLogger:
         self.client = client_for(uri)
         self._next_retry = 0.0
         self.marks = self._load_marks()
+        self._file = threading.Lock()  # the journal file (appends vs the sender's rewrites)
+        self._sending = threading.Lock()  # one sender at a time
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._send_in_background, daemon=True,
+                                            name=f"mlflow-{run_id}")
+            self._thread.start()
 
     def submit(self, op: dict[str, Any]) -> None:
         """Journal ``op`` and send everything waiting (at most every RETRY_INTERVAL_S while
         the server does not answer)."""
-        self._append(op)
+        with self._file:
+            self._append(op)
         if op.get("mark"):
             self._remember(op["mark"])
-        self.replay()
+        if self._thread is not None:
+            self._wake.set()
+        else:
+            self.replay()
+
+    def close(self) -> bool:
+        """Stop the sender thread (if any) and send what is left; True when nothing is."""
+        self.stop()
+        return self.replay(force=True)
+
+    def stop(self) -> None:
+        """Stop the sender thread; what it had not sent stays in the journal."""
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
 
     def already_sent(self, mark: dict[str, Any]) -> bool:
         """True if an operation with ``mark`` (or, for a step, a later one) was handed over."""
@@ -483,14 +512,34 @@ class RunLogger:
             return mark["step"] <= self.marks["step"]
         return mark["key"] in self.marks["keys"]
 
-    def replay(self, force: bool = False) -> bool:
-        """Try to send the journal in order; True when nothing is left waiting."""
-        if not self.journal.exists():
-            return True
-        if not force and time.monotonic() < self._next_retry:
-            return False
-        lines = [line for line in self.journal.read_text().splitlines() if line.strip()]
+    def replay(self, force: bool = False, background: bool = False) -> bool:
+        """Try to send the journal in order; True when nothing is left waiting. Operations
+        are dropped from the journal once sent (operations appended meanwhile stay). A
+        ``background`` pass ends early when the sender is being stopped."""
+        with self._sending:
+            if not self.journal.exists():
+                return True
+            if not force and time.monotonic() < self._next_retry:
+                return False
+            with self._file:
+                lines = self._lines()
+            done = self._send(lines, background)
+            with self._file:
+                rest = self._lines()[done:]
+                if rest:
+                    self._rewrite(rest)
+                else:
+                    self.journal.unlink(missing_ok=True)
+            if done < len(lines):
+                self._next_retry = time.monotonic() + RETRY_INTERVAL_S
+            return not rest
+
+    def _send(self, lines: list[str], background: bool) -> int:
+        """Send ``lines`` in order until one fails (or, in the background, until the sender
+        is being stopped); how many were handled."""
         for index, line in enumerate(lines):
+            if background and self._stopping:
+                return index
             try:
                 op = json.loads(line)
             except json.JSONDecodeError:  # cut short by a crash while being written
@@ -498,11 +547,20 @@ class RunLogger:
             try:
                 self._apply(op)
             except Exception:
-                self._rewrite(lines[index:])
-                self._next_retry = time.monotonic() + RETRY_INTERVAL_S
-                return False
-        self.journal.unlink(missing_ok=True)
-        return True
+                return index
+        return len(lines)
+
+    def _send_in_background(self) -> None:
+        while not self._stopping:
+            self._wake.wait(max(RETRY_INTERVAL_S, 0.1))
+            self._wake.clear()
+            with contextlib.suppress(Exception):  # what failed stays journalled
+                self.replay(background=True)
+
+    def _lines(self) -> list[str]:
+        if not self.journal.exists():
+            return []
+        return [line for line in self.journal.read_text().splitlines() if line.strip()]
 
     def _load_marks(self) -> dict[str, Any]:
         marks = {"step": -1, "keys": set()}
@@ -579,14 +637,15 @@ class MlflowHooks(Hooks):
     """Logs a trial to its MLflow run and delegates persistence to ``inner`` (the trial
     directory hooks, which own checkpoints and ticket files).
 
-    Epoch metrics are batched (sent every ``FLUSH_EVERY_S`` seconds) and always flushed before
-    a checkpoint is written. Epochs, rounds and tickets that a resumed trial trains again
-    after a crash are not sent again when an earlier attempt had handed them over.
+    Epoch metrics are batched (journalled every ``FLUSH_EVERY_S`` seconds) and always
+    journalled before a checkpoint is written; a sender thread delivers the journal, so the
+    trial does not wait for the store. Epochs, rounds and tickets that a resumed trial trains
+    again after a crash are not sent again when an earlier attempt had handed them over.
     """
 
     def __init__(self, inner, uri: str, run_id: str):
         self.inner = inner
-        self.logger = RunLogger(uri, run_id, Path(inner.dir) / PENDING_FILE)
+        self.logger = RunLogger(uri, run_id, Path(inner.dir) / PENDING_FILE, background=True)
         self.buffer: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
         self.logger.submit({"op": "status", "status": "RUNNING"})
@@ -635,9 +694,8 @@ class MlflowHooks(Hooks):
                            | {"mark": mark})
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        self.flush()
+        self.flush()  # journalled before the checkpoint that accounts for it
         self.inner.save_checkpoint(state)
-        self.logger.replay()
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         return self.inner.load_checkpoint()
@@ -660,7 +718,11 @@ class MlflowHooks(Hooks):
             self.logger.submit({"op": "artifact", "local": str(result_file),
                                 "artifact_path": None})
         self.logger.submit({"op": "terminate", "status": status})
-        return self.logger.replay(force=True)
+        return self.logger.close()
+
+    def stop(self) -> None:
+        self.logger.stop()
+        self.inner.stop()
 
 
 EPOCH_SERIES = frozenset({"val_acc", "test_acc", "sparsity"})  # their last value is the final one
