@@ -366,11 +366,12 @@ def pareto_figure(report: dict[str, Any]):
         ax.scatter([remaining_pct(t["sparsity"]) for t in scored],
                    [t["test_acc"] for t in scored], s=18, alpha=0.5, color=color,
                    label=f"{name} tickets")
-        above = index % 2 == 0  # methods' labels on alternate sides of their points
-        for t, label in zip(scored, ticket_labels(scored)):
+        side = 1 if index % 2 == 0 else -1  # methods' labels on alternate sides of their points
+        labelled = sorted(zip(scored, ticket_labels(scored)), key=lambda p: p[0]["sparsity"])
+        for step, (t, label) in enumerate(labelled):  # neighbours staggered: no overlaps
+            rise = (4 if side > 0 else -9) + side * 7 * (step % 2)
             ax.annotate(label, (remaining_pct(t["sparsity"]), t["test_acc"]), fontsize=6,
-                        color=color, xytext=(2, 4 if above else -9),
-                        textcoords="offset points")
+                        color=color, xytext=(2, rise), textcoords="offset points")
         _error_bars(ax, m["groups"], color)
         front = [t for t in m["pareto"] if t["test_acc"] is not None]
         ax.plot([remaining_pct(t["sparsity"]) for t in front], [t["test_acc"] for t in front],
@@ -378,6 +379,7 @@ def pareto_figure(report: dict[str, Any]):
     if report["dense"]["test_acc"] is not None:
         ax.axhline(report["dense"]["test_acc"], color=COLORS["dense"], linestyle="--",
                    label="dense")
+    ax.margins(y=0.1)  # room for the labels above the top and below the lowest point
     ax.set_xscale("log")
     ax.invert_xaxis()
     ax.set_xticks(REMAINING_TICKS, [f"{v:g}%" for v in REMAINING_TICKS])
