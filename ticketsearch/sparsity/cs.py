@@ -89,8 +89,7 @@ def round_to_density(model: nn.Module, density: float) -> dict[str, Tensor]:
 
 def per_layer(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
     """A flat tensor laid out as the model's mask bank, split into its layers' shapes."""
-    return {name: flat[mask.start:mask.start + mask.numel].view(mask.shape)
-            for name, mask in soft_masks(model).items()}
+    return {name: mask.bank.part(flat, mask.index) for name, mask in soft_masks(model).items()}
 
 
 @torch.no_grad()

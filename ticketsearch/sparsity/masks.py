@@ -65,12 +65,19 @@ class SoftMaskBank(nn.Module):
         self.register_buffer("s0", torch.tensor(float(s0), device=device, dtype=dtype))
         self.register_buffer("scale", 1.0 / torch.sigmoid(self.s0))
         self.shapes: list[tuple[int, ...]] = []  # the layers' parts, in order
+        self.starts: list[int] = []  # where each part begins in the flat tensor
         self.cached: tuple | None = None  # (what it was computed from, mask, its parts)
 
     def add_layer(self, shape: torch.Size) -> int:
         """Lay out the next ``shape``-d part of the logits; returns its index."""
+        self.starts.append(self.starts[-1] + math.prod(self.shapes[-1]) if self.shapes else 0)
         self.shapes.append(tuple(shape))
         return len(self.shapes) - 1
+
+    def part(self, flat: Tensor, index: int) -> Tensor:
+        """Part ``index`` of a tensor laid out as the logits, shaped as its layer's weight."""
+        start, shape = self.starts[index], self.shapes[index]
+        return flat[start:start + math.prod(shape)].view(shape)
 
     def soft_mask(self) -> Tensor:
         """The flat soft mask of this forward pass (computed on first use, and again once
@@ -99,26 +106,24 @@ class SoftMaskBank(nn.Module):
 
 
 class SoftMask(nn.Module):
-    """Continuous Sparsification mask ``sigmoid(beta * s) / sigmoid(s0)`` of one layer: the
-    slice ``[start, start + numel)`` of its model's ``SoftMaskBank``, shaped as the weight.
+    """Continuous Sparsification mask ``sigmoid(beta * s) / sigmoid(s0)`` of one layer: part
+    ``index`` of its model's ``SoftMaskBank``, shaped as the weight.
 
     ``s`` (``logits``, a view of the bank's parameter) starts at ``s0`` and ``beta`` at 1, so
     the mask is exactly 1 at the start of a round.
     """
 
-    def __init__(self, bank: SoftMaskBank, start: int, shape: torch.Size):
+    def __init__(self, bank: SoftMaskBank, shape: torch.Size):
         super().__init__()
-        if start == 0:
+        self.index = bank.add_layer(shape)
+        if self.index == 0:
             self.bank = bank  # a submodule of the first layer's mask only: saved once
         else:
             object.__setattr__(self, "bank", bank)
-        self.start, self.shape = start, tuple(shape)
-        self.numel = math.prod(self.shape)
-        self.index = bank.add_layer(shape)
 
     @property
     def logits(self) -> Tensor:
-        return self.bank.logits[self.start:self.start + self.numel].view(self.shape)
+        return self.bank.part(self.bank.logits, self.index)
 
     @property
     def beta(self) -> Tensor:
@@ -174,12 +179,10 @@ def add_soft_masks(model: nn.Module, layer_names, s0: float) -> dict[str, SoftMa
     bank = SoftMaskBank(sum(m.weight.numel() for m in layers.values()), s0,
                         device=first.device, dtype=first.dtype)
     model.register_forward_pre_hook(bank.forget)
-    added, start = {}, 0
+    added = {}
     for name, module in layers.items():
-        mask = SoftMask(bank, start, module.weight.shape)
-        parametrize.register_parametrization(module, "weight", mask, unsafe=True)
-        added[name] = mask
-        start += mask.numel
+        added[name] = SoftMask(bank, module.weight.shape)
+        parametrize.register_parametrization(module, "weight", added[name], unsafe=True)
     return added
 
 
