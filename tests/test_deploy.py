@@ -518,7 +518,7 @@ methods:
   cs:
     rounds: 2
     sweep: {mask_init: [0.0, -0.01]}
-resources: {cpus: 1}
+resources: {cpus: 1, fuse: off}  # two trials apart, one per node
 """
 TRIAL_IDS = ["cs-s0=-0.01-lam=1e-08-beta=200-seed=0", "cs-s0=0-lam=1e-08-beta=200-seed=0"]
 JOB_TIMEOUT_S = 150

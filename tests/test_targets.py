@@ -33,8 +33,8 @@ def multipliers(monkeypatch):
     seen: list[float] = []
     step = cs.threshold_step
 
-    def recording(model, multiplier, density, rate):
-        step(model, multiplier, density, rate)
+    def recording(model, multiplier, density, rate, member=0):
+        step(model, multiplier, density, rate, member)
         seen.append(float(multiplier))
 
     monkeypatch.setattr(cs, "threshold_step", recording)

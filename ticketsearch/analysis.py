@@ -65,6 +65,8 @@ class MethodReport(_Doc):
     device_s: float
     per_ticket: PerTicket
     groups: list[Group]
+    fused_groups: int = 0  # fused groups its trials trained in (resources.fuse)
+    fused_trials: int = 0
 
 
 class DenseBaseline(_Doc):
@@ -366,7 +368,7 @@ def method_report(trials: list[TrialRecord], dense: dict[str, Any], tolerance: f
     matching = [] if dense_acc is None else [
         t for t in tickets if t[key] is not None and t[key] >= dense_acc - tolerance]
     search = [t.ledger.phase_epochs(method.search_phases) for t in trials]
-    walls = [t.ledger.wall_clock_s for t in trials]
+    walls = unit_walls(trials)
     n = len(tickets)
     return {
         "label": method.label,
@@ -383,7 +385,19 @@ def method_report(trials: list[TrialRecord], dense: dict[str, Any], tolerance: f
         "per_ticket": {"search_epochs": sum(search) / n if n else None,
                        "wall_clock_s": sum(walls) / n if n else None},
         "groups": ticket_groups(trials, dense_acc, tolerance, key),
+        "fused_groups": len({t.fused_group for t in trials if t.fused_group}),
+        "fused_trials": sum(1 for t in trials if t.fused_group),
     }
+
+
+def unit_walls(trials: list[TrialRecord]) -> list[float]:
+    """The wall-clock of each unit of work: a trial alone, or a fused group once (its
+    members share its time; the longest member's window stands for it)."""
+    walls: dict[str, float] = {}
+    for trial in trials:
+        key = trial.fused_group or trial.trial_id
+        walls[key] = max(walls.get(key, 0.0), trial.ledger.wall_clock_s)
+    return list(walls.values())
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -450,7 +464,7 @@ def orchestration_costs(trials: list[TrialRecord], driver_wall_s: float,
                         startup_s: float) -> dict[str, float]:
     """A driver session's wall-clock vs the trials' own: what running them through Ray cost
     (trial process start-up, scheduling, reporting), Ray's own start-up apart."""
-    walls = [t.ledger.wall_clock_s for t in trials]
+    walls = unit_walls(trials)
     critical = max(walls, default=0.0)
     return {
         "ray_startup_s": round(startup_s, 3),

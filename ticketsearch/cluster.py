@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .hooks import EpochEvent
-from .job import JobInterrupted, JobRun, run_one_trial, trial_errors
+from .job import JobInterrupted, JobRun, group_name, run_one_group, run_one_trial, \
+    trial_errors
 from .jobdir import ERROR_FILE, read_result, read_trial_error, write_trial_error
 from .spec import JobSpec
 
@@ -77,7 +78,8 @@ def _configure_torch(trial) -> None:
 
 def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict,
                    code_paths: tuple[str, ...] = ()) -> None:
-    """The Tune trainable: run (or resume) the one trial its config carries.
+    """The Tune trainable: run (or resume) the one trial its config carries, or the fused
+    group of trials (``config["trial"]["members"]``, one spec each).
 
     ``methods`` are the registry entries of the job's methods (unpickling them imports their
     modules here); entries this worker does not know yet are registered. ``code_paths`` (the
@@ -94,30 +96,36 @@ def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict,
     for method in methods.values():
         if method.name not in method_names():
             register(method)
-    trial = TrialSpec.model_validate_json(config["trial"]["spec"])
+    unit = [TrialSpec.model_validate_json(spec) for spec in config["trial"]["members"]]
     root = Path(job_dir)
-    done = read_result(root / "trials" / trial.trial_id)
-    if done is not None:  # finished by an earlier attempt of this job
-        tune.report({"step": done.ledger.epochs["total"], "done": True})
+    dirs = [root / "trials" / trial.trial_id for trial in unit]
+    if all(read_result(folder) is not None for folder in dirs):  # finished earlier
+        tune.report({"step": sum(read_result(d).ledger.epochs["total"] for d in dirs),
+                     "done": True})
         return
+    trial = unit[0]
     _configure_torch(trial)
-    trial_dir = root / "trials" / trial.trial_id
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    (trial_dir / "worker.pid").write_text(str(os.getpid()))
-    (trial_dir / ERROR_FILE).unlink(missing_ok=True)
+    for folder in dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "worker.pid").write_text(str(os.getpid()))
+        (folder / ERROR_FILE).unlink(missing_ok=True)
     planned = planned_epochs(trial)
     try:
-        if trial.resources.world > 1:
-            record = run_data_parallel(trial, root, tracker, code_paths)
+        if len(unit) > 1:
+            records = [r for r, _ in run_one_group(unit, root, tracker,
+                                                   progress=tune_reporter(planned))]
+        elif trial.resources.world > 1:
+            records = [run_data_parallel(trial, root, tracker, code_paths)]
         else:
-            record, _ = run_one_trial(trial, root, tracker, progress=tune_reporter(planned))
+            records = [run_one_trial(trial, root, tracker, progress=tune_reporter(planned))[0]]
     except trial_errors() as err:  # retrying cannot help: say why, once
-        write_trial_error(trial_dir, err)
+        for folder in dirs:
+            write_trial_error(folder, err)
         tune.report({"step": 0, "phase": "error", "done": True})
         return
-    tune.report({"step": record.ledger.epochs["total"], "epochs_planned": planned,
-                 "phase": "done", "done": True, "tickets": len(record.tickets),
-                 "wall_clock_s": record.ledger.wall_clock_s})
+    tune.report({"step": records[0].ledger.epochs["total"], "epochs_planned": planned,
+                 "phase": "done", "done": True, "tickets": sum(len(r.tickets) for r in records),
+                 "wall_clock_s": records[0].ledger.wall_clock_s})
 
 
 def run_data_parallel(trial, root: Path, tracker, code_paths: tuple[str, ...] = ()):
@@ -415,10 +423,22 @@ def _trial_id(trial) -> str:
     return trial.config["trial"]["trial_id"]
 
 
-def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = (),
+def unit_id(unit: list) -> str:
+    """The Tune trial id of a unit of work: its trial's id, or its fused group's."""
+    return unit[0].trial_id if len(unit) == 1 else group_name(unit)
+
+
+def unit_name(unit: list) -> str:
+    if len(unit) == 1:
+        return unit[0].name
+    return f"fused group of {len(unit)} ({', '.join(t.trial_id for t in unit)})"
+
+
+def _tuner(run: JobRun, units: list[list], echo, code_paths: tuple[str, ...] = (),
            restore: bool = True):
-    """The Tuner of the pending trials: the job's Tune experiment restored (after a driver
-    failure) when there is one and ``restore``, else a new one (an old one moved aside)."""
+    """The Tuner of the pending units (trials and fused groups): the job's Tune experiment
+    restored (after a driver failure) when there is one and ``restore``, else a new one (an
+    old one moved aside)."""
     from ray import tune
 
     from .methods import get_method, planned_epochs
@@ -427,7 +447,7 @@ def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = (),
     trainable = tune.with_parameters(trial_function, job_dir=str(run.root.resolve()),
                                      tracker=run.tracker, methods=methods,
                                      code_paths=tuple(code_paths))
-    resources = {t.trial_id: t.resources for t in run.trials}
+    resources = {unit_id(u): u[0].resources for u in units}  # a group asks as one trial
     trainable = tune.with_resources(trainable, _resource_request(resources))
     storage = str((run.root / "ray").resolve())
     path = Path(storage) / "tune"
@@ -440,10 +460,10 @@ def _tuner(run: JobRun, pending: list, echo, code_paths: tuple[str, ...] = (),
     run_config = tune.RunConfig(
         name="tune", storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=run.spec.resources.max_failures),
-        callbacks=[make_progress({t.trial_id: t.name for t in run.trials}, echo,
-                                 {t.trial_id: planned_epochs(t) for t in run.trials})],
+        callbacks=[make_progress({unit_id(u): unit_name(u) for u in units}, echo,
+                                 {unit_id(u): planned_epochs(u[0]) for u in units})],
     )
-    configs = [{"trial_id": t.trial_id, "spec": t.to_json()} for t in pending]
+    configs = [{"trial_id": unit_id(u), "members": [t.to_json() for t in u]} for u in units]
     # Reusing trial actors saves each trial's process start-up and imports (~7 s here).
     return tune.Tuner(trainable, param_space={"trial": tune.grid_search(configs)},
                       tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True,
@@ -512,7 +532,8 @@ def _run_trials(run: JobRun, echo, code_paths: tuple[str, ...]) -> list[str]:
     starts at once instead of after the short trials); returns the ids of failed trials."""
     from .methods import planned_epochs
 
-    pending = sorted(run.unfinished(), key=planned_epochs, reverse=True)
+    units = sorted(run.units(), key=lambda u: planned_epochs(u[0]), reverse=True)
+    pending = [t for unit in units for t in unit]
     if not pending:
         return []
     # A trial that stopped on an error is finished for Tune: only a new experiment runs it.
@@ -520,10 +541,11 @@ def _run_trials(run: JobRun, echo, code_paths: tuple[str, ...]) -> list[str]:
     for trial in stopped_before:
         (run.trial_dir(trial) / ERROR_FILE).unlink()
     try:
-        results = _tuner(run, pending, echo, code_paths, restore=not stopped_before).fit()
+        results = _tuner(run, units, echo, code_paths, restore=not stopped_before).fit()
     except KeyboardInterrupt:
         raise JobInterrupted(run.root) from None
-    crashed = {r.config["trial"]["trial_id"] for r in results if r.error is not None}
+    crashed_units = {r.config["trial"]["trial_id"] for r in results if r.error is not None}
+    crashed = {t.trial_id for u in units if unit_id(u) in crashed_units for t in u}
     stopped = {t.trial_id for t in pending if read_trial_error(run.trial_dir(t)) is not None}
     failed = [t.trial_id for t in pending if t.trial_id in crashed | stopped]
     if any(read_result(run.trial_dir(t)) is None and t.trial_id not in failed for t in pending):

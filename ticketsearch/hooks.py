@@ -109,6 +109,16 @@ class Hooks:
     def load_checkpoint(self) -> dict[str, Any] | None:
         return None
 
+    def pack_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` as a fused group's checkpoint keeps it for this member (the group
+        writes one file for all its members): what ``save_checkpoint`` would write."""
+        return state
+
+    def unpack_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The member's state a group checkpoint kept (``pack_checkpoint``'s output), read
+        back as ``load_checkpoint`` reads its own file."""
+        return state
+
     def epochs_reported(self) -> int:
         """Epochs this trial had reported before the current attempt (for recompute counts)."""
         return 0

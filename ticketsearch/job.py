@@ -161,6 +161,13 @@ class JobRun:
     def unfinished(self) -> list[TrialSpec]:
         return [t for t in self.trials if read_result(self.trial_dir(t)) is None]
 
+    def units(self) -> list[list[TrialSpec]]:
+        """The unfinished trials as units of work: one trial, or a fused group of several
+        (``resources.fuse``; ``methods.group.plan_units``)."""
+        from .methods.group import plan_units
+
+        return plan_units(self.unfinished(), self.spec.resources.fuse, *gpu_budget(self.spec))
+
     def finished(self) -> list[TrialRecord]:
         records = [read_result(self.trial_dir(t)) for t in self.trials]
         return [r for r in records if r is not None]
@@ -207,8 +214,10 @@ def trial_errors() -> tuple[type[BaseException], ...]:
     from .spec import SpecError
     from .usercode import UserCodeError
 
+    from .fusion import FusionError
+
     return (SpecError, DatasetError, ModelError, UserCodeError, CheckpointError,
-            TicketFormatError)
+            TicketFormatError, FusionError)
 
 
 def run_one_trial(trial: TrialSpec, root: Path, tracker, data=None,
@@ -231,6 +240,69 @@ def run_one_trial(trial: TrialSpec, root: Path, tracker, data=None,
         raise
     record = dir_hooks.write_result(result, trial, tracker.run_id(trial.trial_id))
     return record, tracker.finish_trial(hooks, result)
+
+
+def run_one_group(trials: list[TrialSpec], root: Path, tracker, data=None,
+                  progress: Callable[[Any], None] | None = None,
+                  echo: Echo = print) -> list[tuple[TrialRecord, bool]]:
+    """``run_one_trial`` for a fused group: its members trained (or resumed) as one, each
+    into its own trial directory and tracking run. With ``resources.fuse: auto``, a model
+    that cannot be fused runs its members one after another instead (the reason echoed);
+    with a number, that stops the group (``fusion.FusionError``)."""
+    from .data import load_dataset
+    from .fusion import FusionError
+    from .jobdir import GroupCheckpoint
+    from .methods.group import GroupRun, check_fusible
+    from .training import resolve_device
+
+    if data is None:
+        data = load_dataset(trials[0].data, resolve_device(trials[0].train.device))
+    try:
+        check_fusible(trials, data)
+    except FusionError as err:
+        if trials[0].resources.fuse != "auto":
+            raise
+        echo(f"{len(trials)} trials not fused, run one after another: {err}")
+        return [run_one_trial(t, root, tracker, data, progress) for t in trials]
+    dirs = [TrialDirHooks(root / "trials" / t.trial_id, progress=progress) for t in trials]
+    hooks = [tracker.trial_hooks(d, t.trial_id) for d, t in zip(dirs, trials)]
+    name = group_name(trials)
+    store = GroupCheckpoint(root / "groups" / name)
+    try:
+        results = GroupRun(trials, data, hooks, store).run()
+    except BaseException:
+        for member in hooks:
+            member.stop()  # what was not sent stays in each member's journal
+        raise
+    outcomes = []
+    ids = [t.trial_id for t in trials]
+    for trial, folder, member, result in zip(trials, dirs, hooks, results):
+        others = [i for i in ids if i != trial.trial_id]
+        record = folder.write_result(result, trial, tracker.run_id(trial.trial_id),
+                                     fused_group=name, fused_with=others)
+        outcomes.append((record, tracker.finish_trial(member, result)))
+    store.drop()
+    return outcomes
+
+
+def group_name(trials: list[TrialSpec]) -> str:
+    from .methods.group import group_id
+
+    return group_id([t.trial_id for t in trials])
+
+
+def gpu_budget(spec: JobSpec) -> tuple[float | None, Callable[[Any], float] | None]:
+    """What ``plan_units`` needs to size fused groups on GPUs: the memory of the GPU this
+    machine sees (None: the assumed cluster GPU's) and a per-member memory estimate."""
+    if spec.resources.gpus <= 0 and spec.train.device != "cuda":
+        return None, None
+    import torch
+
+    from .methods.group import member_bytes
+
+    seen = torch.cuda.get_device_properties(0).total_memory \
+        if torch.cuda.is_available() else None
+    return seen, member_bytes
 
 
 def make_report(root: Path, echo: Echo) -> dict[str, Any] | None:

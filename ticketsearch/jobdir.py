@@ -262,11 +262,19 @@ class TrialDirHooks(Hooks):
         """Write ``state`` with its tickets and ledger entries by reference (the ticket
         folders and the event log hold them), so a checkpoint does not grow with the epochs
         and tickets a trial has done."""
+        tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
+        torch.save(self.pack_checkpoint(state), tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def pack_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
         ledger = state["ledger"] | {"entries": len(state["ledger"]["entries"])}
         tickets = [{"name": t["name"]} for t in state["tickets"]]
-        tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
-        torch.save(state | {"ledger": ledger, "tickets": tickets}, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        return state | {"ledger": ledger, "tickets": tickets}
+
+    def unpack_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A member's packed state from a group checkpoint: events after it dropped (their
+        count remembered), its ledger entries and tickets read back."""
+        return self._dereference(state, self._truncate_events(state))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The last checkpoint, or None. Events logged after it are dropped (they will be
@@ -333,13 +341,14 @@ class TrialDirHooks(Hooks):
     def epochs_reported(self) -> int:
         return self._reported
 
-    def write_result(self, result: TrialResult, trial=None,
-                     run_id: str | None = None) -> TrialRecord:
-        """Write ``result.json`` (the trial is finished; ``trial``, its TrialSpec, names it)
-        and drop the checkpoint."""
+    def write_result(self, result: TrialResult, trial=None, run_id: str | None = None,
+                     **extra) -> TrialRecord:
+        """Write ``result.json`` (the trial is finished; ``trial``, its TrialSpec, names it;
+        ``extra``: more ``TrialRecord`` fields) and drop the checkpoint."""
         names = {} if trial is None else {"name": trial.name, "group": trial.group,
                                            "seed": trial.seed}
-        record = TrialRecord.model_validate(result.summary() | names | {"run_id": run_id})
+        record = TrialRecord.model_validate(result.summary() | names | {"run_id": run_id}
+                                            | extra)
         for ticket in record.tickets:
             ticket.path = str(self.dir / "tickets" / ticket.name)
         write_text_atomic(self.dir / "result.json", record_json(record))
@@ -375,6 +384,35 @@ def _attempt_windows(events: list[dict[str, Any]]) -> list[list[float]]:
         elif windows and "t" in event:
             windows[-1][1] = max(windows[-1][1], event["t"])
     return windows
+
+
+class GroupCheckpoint:
+    """The one checkpoint of a fused group (``groups/<group id>/checkpoint.pt`` in the job
+    directory): the fused model and optimizer and every member's packed state, written
+    atomically, so the group resumes as one."""
+
+    def __init__(self, folder: Path):
+        self.dir = Path(folder)
+        self.path = self.dir / "checkpoint.pt"
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name("checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, weights_only=True, map_location="cpu")
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"{self.path}: unreadable group checkpoint ({first}); "
+                                  "delete it to start the group over") from None
+
+    def drop(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def read_result(trial_dir: Path) -> TrialRecord | None:

@@ -10,8 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .job import JobInterrupted, JobRun, round_printer, run_one_trial
-from .jobdir import read_result
+from .job import JobInterrupted, JobRun, round_printer, run_one_group, run_one_trial
 from .spec import JobSpec
 
 
@@ -33,20 +32,30 @@ def run_job_locally(job: JobSpec, storage: str | Path | None = None,
 
 
 def _run_trials(run: JobRun, echo: Callable[[str], None]) -> None:
-    """Every unfinished trial of ``run``, one after another."""
+    """Every unfinished trial of ``run``, one unit (a trial or a fused group) after another."""
     datasets: dict[str, Any] = {}
+    unfinished = {t.trial_id for t in run.unfinished()}
     for trial in run.trials:
-        if read_result(run.trial_dir(trial)) is not None:
+        if trial.trial_id not in unfinished:
             echo(f"{trial.name}: already finished, skipped")
-            continue
-        echo(f"{trial.name}: started")
-        data = _dataset(datasets, trial)
-        record, sent = run_one_trial(trial, run.root, run.tracker, data, round_printer(echo))
-        if not sent:
-            echo(f"{trial.name}: tracking server unreachable; metrics kept in "
-                 f"{run.trial_dir(trial)}, send them later with `ticketsearch sync {run.root}`")
-        echo(f"{trial.name}: finished in {record.ledger.wall_clock_s:.1f}s, "
-             f"{record.ledger.epochs['total']} epochs, {len(record.tickets)} tickets")
+    for unit in run.units():
+        data = _dataset(datasets, unit[0])
+        if len(unit) == 1:
+            echo(f"{unit[0].name}: started")
+            outcomes = [run_one_trial(unit[0], run.root, run.tracker, data, round_printer(echo))]
+        else:
+            echo(f"fused group of {len(unit)}: {', '.join(t.name for t in unit)}: started")
+            outcomes = run_one_group(unit, run.root, run.tracker, data, round_printer(echo), echo)
+        for trial, (record, sent) in zip(unit, outcomes):
+            _finished(run, trial, record, sent, echo)
+
+
+def _finished(run: JobRun, trial, record, sent: bool, echo: Callable[[str], None]) -> None:
+    if not sent:
+        echo(f"{trial.name}: tracking server unreachable; metrics kept in "
+             f"{run.trial_dir(trial)}, send them later with `ticketsearch sync {run.root}`")
+    echo(f"{trial.name}: finished in {record.ledger.wall_clock_s:.1f}s, "
+         f"{record.ledger.epochs['total']} epochs, {len(record.tickets)} tickets")
 
 
 def _dataset(cache: dict[str, Any], trial):

@@ -89,6 +89,8 @@ class TrialRecord(_Record):
     final: dict[str, float | int | None]
     ledger: LedgerRecord
     data_sizes: dict[str, int] = Field(default_factory=dict)  # examples per split
+    fused_group: str | None = None  # the fused group it trained in (resources.fuse), if any
+    fused_with: list[str] = Field(default_factory=list)  # that group's other members
 
     @property
     def title(self) -> str:

@@ -138,7 +138,7 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  {method:5s} search {s['critical_path']:g}/{s['total']:g}  "
                      f"retrain {r['critical_path']:g}/{r['total']:g}  "
                      f"wall {w['critical_path']:.1f}/{w['total']:.1f}  "
-                     f"sparsest matching {matching}")
+                     f"sparsest matching {matching}{_fused_note(m)}")
     for pair, ratios in report["ratios"].items():
         lines.append(f"{pair}: search epochs critical path "
                      f"x{_fmt(ratios['search_epochs.critical_path'], 2)}, total "
@@ -165,6 +165,12 @@ def format_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fused_note(m: dict[str, Any]) -> str:
+    if not m.get("fused_groups"):
+        return ""
+    return f"  ({m['fused_trials']} trials in {m['fused_groups']} fused group(s))"
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the tables, the ticket lists and the plots."""
     job, dense = report["job"], report["dense"]
@@ -185,6 +191,11 @@ def format_markdown(report: dict[str, Any]) -> str:
                    f"{s['total']:g} | {r['critical_path']:g} / {r['total']:g} | "
                    f"{w['critical_path']:.1f} / {w['total']:.1f} | {m['device_s']:.1f} | "
                    f"{_fmt(m['per_ticket']['search_epochs'], 1)} |")
+    fused = [f"{name}: {m['fused_trials']} trials trained as {m['fused_groups']} fused "
+             "group(s)" for name, m in report["methods"].items() if m.get("fused_groups")]
+    if fused:
+        out += ["", "; ".join(fused) + " (`resources.fuse`): a group's wall-clock counts once "
+                "in the totals and its device-seconds are split evenly between its members."]
     for pair, ratios in report["ratios"].items():
         out += ["", f"Ratios {pair}: " + ", ".join(f"{k} ×{_fmt(v, 2)}" for k, v in ratios.items())]
     out += ["", selection_rule(report)]

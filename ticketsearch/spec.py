@@ -892,6 +892,24 @@ class ResourcesSpec(_Spec):
         "with GPUs, one GPU. gpus: N (whole, > 1) alone means N workers of one GPU each.",
     )
 
+    fuse: Literal["auto", "off"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="Fused groups: CS trials that differ only in s0, lambda, beta_final, "
+        "target sparsity and seed train as one network of K members on one device (one "
+        "forward/backward pass for all; each member keeps its own trial, runs, tickets and "
+        "report row). off = every trial alone; K = groups of at most K; auto = 4 on CPUs, "
+        "on a GPU as many as fit in half its memory (at most 16). A group asks for one "
+        "trial's resources.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fuse_words(cls, data: Any) -> Any:
+        """YAML reads ``fuse: off`` as false: it means off."""
+        if isinstance(data, dict) and data.get("fuse") is False:
+            data = {**data, "fuse": "off"}
+        return data
+
     @property
     def world(self) -> int:
         """How many data-parallel workers the trial runs as."""

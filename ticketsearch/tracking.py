@@ -700,6 +700,13 @@ class MlflowHooks(Hooks):
     def load_checkpoint(self) -> dict[str, Any] | None:
         return self.inner.load_checkpoint()
 
+    def pack_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        self.flush()  # journalled before the group checkpoint that accounts for it
+        return self.inner.pack_checkpoint(state)
+
+    def unpack_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        return self.inner.unpack_checkpoint(state)
+
     def epochs_reported(self) -> int:
         return self.inner.epochs_reported()
 
@@ -845,17 +852,24 @@ def log_ticket_model(client, uri: str, experiment_id: str, run_id: str, key: str
     found = model_by_key(client, experiment_id, key)
     if found is not None and found.status == LoggedModelStatus.READY:
         return found.model_id
-    model_id = found.model_id if found is not None else client.create_logged_model(
+    if found is not None:  # an earlier try stopped half-way: its outputs may be linked
+        client.delete_logged_model(found.model_id)
+    model_id = client.create_logged_model(
         experiment_id, name="model", source_run_id=run_id, params=op["params"],
         tags={"ticketsearch.ticket_key": key, "ticket": op["ticket"]}).model_id
     model, example, signature = _model_with_example(Path(op["ticket_dir"]))
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice
-    with global_tracking_uri(uri):  # log_model finds its store only there
+    # log_model reads MLflow's process-wide state: one at a time (a fused group's members
+    # send from threads of one process)
+    with LOG_MODEL_LOCK, global_tracking_uri(uri):
         mlflow.pytorch.log_model(model, name="model", run_id=run_id, model_id=model_id,
                                  signature=signature, input_example=example,
                                  pip_requirements=model_requirements(),
                                  serialization_format="pickle")
     return model_id
+
+
+LOG_MODEL_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager

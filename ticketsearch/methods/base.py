@@ -103,9 +103,10 @@ class TrialRun:
         return TrialResult(self.trial.trial_id, self.trial.method, tickets, self.ledger,
                            self.rounds_done, final, dict(self.data.sizes))
 
-    def begin(self) -> None:
-        """Restore everything but the model from the hooks' checkpoint, if there is one."""
-        state = self.hooks.load_checkpoint()
+    def begin(self, state: dict[str, Any] | None = None) -> None:
+        """Restore everything but the model from ``state`` (a fused group member's, from the
+        group checkpoint) or else from the hooks' checkpoint, if there is one."""
+        state = self.hooks.load_checkpoint() if state is None else state
         if state is not None:
             self.restore(state)
             reported = self.hooks.epochs_reported()
@@ -289,7 +290,8 @@ class TrialRun:
             "version": CHECKPOINT_VERSION, "method": self.trial.method,
             "trial_id": self.trial.trial_id, "stage": self.stage,
             "stage_index": self.stage_index, "round": self.round, "epoch": self.epoch,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": None if self.model is None else self.model.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "snapshot": self.snapshot, "ledger": self.ledger.to_dict(),
             "tickets": [ticket_state(t) for t in self.tickets],

@@ -14,7 +14,7 @@ from ..sparsity.masks import add_soft_masks
 from ..spec import MethodSpec, Seed, SpecError, format_number
 from .base import TrialRun
 from .registry import Method
-from .retrain import planned_retrain_epochs, retrain_pending
+from .retrain import planned_retrain_epochs, retrain_group, retrain_pending
 
 
 class CSSpec(MethodSpec):
@@ -110,10 +110,10 @@ def run_cs(run: TrialRun) -> dict[str, Any]:
         optimizer = run.new_optimizer(model)
         for rnd in run.rounds(s.rounds):
             run.fit(model, optimizer, snapshot_at=run.train.rewind_epoch if rnd == 0 else None,
-                    before_epoch=epoch_temperature(model, s, epochs),
-                    on_step=step_temperature(model, s, epochs, run.data, run.train.batch_size),
-                    after_step=target_step(run, model, rnd),
-                    extra_loss=None if targeted else penalty(model, s.lambda_))
+                    before_epoch=epoch_temperature(model, [s], epochs),
+                    on_step=step_temperature(model, [s], epochs, run.data, run.train.batch_size),
+                    after_step=target_step([run], model, rnd),
+                    extra_loss=None if targeted else penalty(model, [s]))
             if rnd + 1 < s.rounds:
                 cs.soft_reset(model, s.soft_reset, cs.current_beta(model))
                 run.extra.get("multiplier", torch.zeros(())).zero_()  # folded into the logits
@@ -123,49 +123,108 @@ def run_cs(run: TrialRun) -> dict[str, Any]:
     return {}
 
 
-def make_ticket(run: TrialRun, model):
-    """The ticket ``s > 0`` (or, with exact rounding, the top entries by ``s``)."""
-    s, achieved = run.settings, cs.cs_sparsity(model)
+def run_cs_group(group) -> None:
+    """``run_cs`` for a fused group (``methods.group.GroupRun``): every member's search in
+    one fused network, each with its own s0, lambda, beta_final, target and data order; then
+    every member's ticket retrained, fused too."""
+    runs = group.members
+    specs = [run.settings for run in runs]
+    s, epochs = specs[0], group.train.epochs_per_round
+    targeted = s.target_sparsity is not None
+    if group.enter("search"):
+        model = group.new_model()
+        add_soft_masks(model, group.layer_names,
+                       [x.target_mask_init if targeted else x.mask_init for x in specs])
+        optimizer = group.new_optimizer(model)
+        for rnd in group.rounds(s.rounds):
+            group.fit(model, optimizer,
+                      snapshot_at=group.train.rewind_epoch if rnd == 0 else None,
+                      before_epoch=epoch_temperature(model, specs, epochs),
+                      on_step=step_temperature(model, specs, epochs, group.data,
+                                               group.train.batch_size),
+                      after_step=target_step(runs, model, rnd),
+                      extra_loss=None if targeted else penalty(model, specs))
+            if rnd + 1 < s.rounds:
+                cs.soft_reset(model, s.soft_reset,
+                              [cs.current_beta(model, k) for k in range(len(runs))])
+                for run in runs:
+                    run.extra.get("multiplier", torch.zeros(())).zero_()
+                optimizer = group.new_optimizer(model)
+        for member, run in enumerate(runs):
+            run.pending = [make_ticket(run, model, member)]
+    retrain_group(group)
+
+
+def fusible(trial) -> str | None:
+    """Why a CS trial cannot be fused (None when it can): its retraining recipes mix
+    examples (mixup, CutMix), which fused retraining does not do."""
+    if trial.retrain.enabled and any(r.mixup_alpha > 0 or r.cutmix_alpha > 0
+                                     for r in trial.retrain.recipes):
+        return "its retraining recipes use mixup or CutMix, which fused groups do not run"
+    return None
+
+
+def make_ticket(run: TrialRun, model, member: int = 0):
+    """The ticket ``s > 0`` (or, with exact rounding, the top entries by ``s``) of the run
+    (of ``member``'s masks, in a fused group's model)."""
+    s, achieved = run.settings, cs.cs_sparsity(model, member)
     if s.target_sparsity is None:
-        return run.make_ticket("final", cs.ticket_masks(model), round=s.rounds)
+        return run.make_ticket("final", cs.ticket_masks(model, member), round=s.rounds)
     exact = s.target_rounding == "exact"
-    masks = cs.round_to_density(model, 1 - s.target_sparsity) if exact else cs.ticket_masks(model)
+    masks = cs.round_to_density(model, 1 - s.target_sparsity, member) if exact \
+        else cs.ticket_masks(model, member)
     return run.make_ticket("final", masks, round=s.rounds, target_sparsity=s.target_sparsity,
                            achieved_sparsity=achieved,
                            multiplier=float(run.extra["multiplier"]))
 
 
-def epoch_temperature(model, s: CSSpec, epochs: int):
-    """Set beta at the start of each epoch (the paper's schedule), or None."""
-    if s.beta_schedule != "epoch":
+def epoch_temperature(model, specs: list[CSSpec], epochs: int):
+    """Set beta at the start of each epoch (the paper's schedule), or None; one value per
+    member of a fused group (``specs``: the members' settings)."""
+    if specs[0].beta_schedule != "epoch":
         return None
-    return lambda epoch: cs.set_beta(model, cs.beta_for_epoch(epoch, epochs, s.beta_final))
+    return lambda epoch: cs.set_beta(
+        model, [cs.beta_for_epoch(epoch, epochs, s.beta_final) for s in specs])
 
 
-def step_temperature(model, s: CSSpec, epochs: int, data, batch_size: int):
+def step_temperature(model, specs: list[CSSpec], epochs: int, data, batch_size: int):
     """Set beta before every step of the round (the per-iteration schedule), or None."""
-    if s.beta_schedule != "iteration":
+    if specs[0].beta_schedule != "iteration":
         return None
     total = data.num_train_batches(batch_size) * epochs
-    return lambda step: cs.set_beta(model, cs.beta_for_iteration(step, total, s.beta_final))
+    return lambda step: cs.set_beta(
+        model, [cs.beta_for_iteration(step, total, s.beta_final) for s in specs])
 
 
-def penalty(model, lam: float):
-    """``lambda * sum(m)``, the relaxed L0 term added to the loss (None when lambda is 0)."""
-    if lam == 0:
+def penalty(model, specs: list[CSSpec]):
+    """``lambda * sum(m)``, the relaxed L0 term added to the loss (None when lambda is 0);
+    in a fused group, each member's lambda times its own sum."""
+    lams = [s.lambda_ for s in specs]
+    if not any(lams):
         return None
-    return lambda: lam * cs.l0_penalty(model)
+    if len(specs) == 1:
+        return lambda: lams[0] * cs.l0_penalty(model)
+    weights = torch.tensor(lams, device=cs.mask_bank(model).logits.device)
+    return lambda: cs.l0_penalty(model, weights)
 
 
-def target_step(run: TrialRun, model, rnd: int):
-    """With a target: after every step, the sparsity multiplier's step towards the density
-    round ``rnd`` aims at (None without a target)."""
-    s = run.settings
-    if s.target_sparsity is None:
+def target_step(runs: list[TrialRun], model, rnd: int):
+    """With a target: after every step, each run's sparsity multiplier's step towards the
+    density round ``rnd`` aims at (None without a target). ``runs``: the trial, or a fused
+    group's members in member order."""
+    if runs[0].settings.target_sparsity is None:
         return None
-    multiplier = run.extra.setdefault("multiplier", torch.zeros((), device=run.device))
-    density = round_density(s, rnd)
-    return lambda step: cs.threshold_step(model, multiplier, density, s.multiplier_lr)
+    steps = []
+    for member, run in enumerate(runs):
+        s = run.settings
+        multiplier = run.extra.setdefault("multiplier", torch.zeros((), device=run.device))
+        steps.append((multiplier, round_density(s, rnd), s.multiplier_lr, member))
+
+    def step(_):
+        for multiplier, density, rate, member in steps:
+            cs.threshold_step(model, multiplier, density, rate, member)
+
+    return step
 
 
 def round_density(s: CSSpec, rnd: int) -> float:
@@ -218,5 +277,7 @@ def aim_at_imp(section: CSSpec, sections: dict[str, Any]) -> CSSpec:
 METHOD = Method(
     name="cs", spec=CSSpec, run=run_cs, identity=identity, planned_epochs=planned_epochs,
     description="Continuous Sparsification ticket search", label="cs", order=10,
-    prepare=aim_at_imp,
+    prepare=aim_at_imp, run_group=run_cs_group, fusible=fusible,
+    fuse_axes=("lambda", "beta_final", "mask_init", "target_mask_init", "target_sparsity",
+               "seed"),
 )

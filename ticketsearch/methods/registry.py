@@ -28,6 +28,10 @@ class Method:
     ``prepare(section, sections)``, if given, resolves a section against the job's other
     method sections before it is expanded (e.g. CS aimed at the IMP chain's densities); it
     raises ``spec.SpecError`` naming the field when it cannot.
+    ``run_group(group_run)``, if given, trains several trials of the method at once as one
+    fused network (a ``methods.group.GroupRun``; ``resources.fuse``): trials whose settings
+    differ only in the ``fuse_axes`` fields, and that ``fusible(trial)`` allows, may share
+    a group.
     """
 
     name: str
@@ -42,6 +46,9 @@ class Method:
     makes_tickets: bool = True
     baseline: tuple[str, str] | None = None
     prepare: Callable[[Any, dict[str, Any]], Any] | None = None
+    run_group: Callable[[Any], None] | None = None
+    fuse_axes: tuple[str, ...] = ()
+    fusible: Callable[[Any], str | None] | None = None  # why a trial cannot be fused, or None
 
 
 _METHODS: dict[str, Method] = {}

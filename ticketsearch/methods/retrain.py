@@ -48,6 +48,40 @@ def retrain_pending(run: TrialRun) -> None:
             run.emit(ticket)
 
 
+def retrain_group(group) -> None:
+    """``retrain_pending`` for a fused group (``methods.group.GroupRun``): every member's
+    pending tickets retrained at once, one fused model per (ticket, recipe) round. Recipes
+    that mix examples (mixup, CutMix) never reach here (``cs.fusible``)."""
+    runs = group.members
+    if not (runs[0].pending and runs[0].trial.retrain.enabled):
+        for run in runs:
+            retrain_pending(run)  # retraining off: emitted as found
+        return
+    if not group.enter("retrain"):
+        return
+    recipes = runs[0].trial.retrain.recipes
+    epochs = runs[0].trial.retrain.epochs or group.train.epochs_per_round
+    for rnd in group.rounds(len(runs[0].pending) * len(recipes)):
+        tickets = [run.pending[rnd // len(recipes)] for run in runs]
+        recipe = recipes[rnd % len(recipes)]
+        model = group.new_model(recipe.activation)
+        add_binary_masks(model, group.stack([t.masks for t in tickets]))
+        load_dense_state(model, group.stack([run.snapshot for run in runs]))
+        vals, tests = group.fit(
+            model, group.new_optimizer(model), epochs, recipe=recipe.name,
+            smoothing=recipe.label_smoothing,
+            lr_factor=lambda epoch, r=recipe: warmup_factor(epoch, r.warmup_epochs))
+        primary = rnd % len(recipes) == 0
+        for member, (run, ticket) in enumerate(zip(runs, tickets)):
+            record_recipe_result(ticket, recipe, vals[member], tests[member],
+                                 run.ledger.epochs("retrain", rnd), primary)
+        if primary:
+            group.keep_trained(tickets, model, recipe.activation)
+        if rnd % len(recipes) == len(recipes) - 1:
+            for run, ticket in zip(runs, tickets):
+                run.emit(ticket)
+
+
 def record_recipe_result(ticket: Ticket, recipe, val, test, epochs: int, primary: bool) -> None:
     """Store one recipe's retraining result in ``ticket.meta["recipes"][recipe.name]``; the
     primary (first) recipe's accuracy and epochs are also the ticket's own."""

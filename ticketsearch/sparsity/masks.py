@@ -56,28 +56,51 @@ class SoftMaskBank(nn.Module):
     ``beta * s`` is clamped at ``-LOGIT_FLOOR`` before the sigmoid: below that the mask is
     ~1e-22 either way, and the clamp keeps float32 subnormals (which slow CPU arithmetic
     ~100x) out of the forward and backward passes.
+
+    A fused group's bank (``s0`` a list, one per member: see ``fusion.py``) is member-major:
+    member ``k``'s logits are row ``k`` of ``rows(logits)``, laid out as an unfused model's,
+    with its own ``beta``, ``s0`` and scale (shape ``(K, 1)``); a layer's part is
+    ``(K, *shape)``, as the fused layer's weight.
     """
 
-    def __init__(self, size: int, s0: float, device=None, dtype=torch.float32):
+    def __init__(self, size: int, s0: float | list[float], device=None, dtype=torch.float32):
         super().__init__()
-        self.logits = nn.Parameter(torch.full((size,), float(s0), device=device, dtype=dtype))
-        self.register_buffer("beta", torch.ones((), device=device, dtype=dtype))
-        self.register_buffer("s0", torch.tensor(float(s0), device=device, dtype=dtype))
+        self.members = len(s0) if isinstance(s0, list | tuple) else 0  # 0: not fused
+        start = torch.tensor(s0, device=device, dtype=dtype)
+        start = start.view(-1, 1) if self.members else start
+        logits = start.expand(self.members, size // self.members) if self.members \
+            else start.expand(size)
+        self.logits = nn.Parameter(logits.reshape(-1).clone())
+        self.register_buffer("beta", torch.ones_like(start))
+        self.register_buffer("s0", start.clone())
         self.register_buffer("scale", 1.0 / torch.sigmoid(self.s0))
-        self.shapes: list[tuple[int, ...]] = []  # the layers' parts, in order
-        self.starts: list[int] = []  # where each part begins in the flat tensor
+        self.shapes: list[tuple[int, ...]] = []  # the layers' (member) parts, in order
+        self.starts: list[int] = []  # where each part begins in a member's row
         self.cached: tuple | None = None  # (what it was computed from, mask, its parts)
 
     def add_layer(self, shape: torch.Size) -> int:
-        """Lay out the next ``shape``-d part of the logits; returns its index."""
+        """Lay out the next ``shape``-d part of the logits (a member's shape in a fused
+        bank); returns its index."""
         self.starts.append(self.starts[-1] + math.prod(self.shapes[-1]) if self.shapes else 0)
         self.shapes.append(tuple(shape))
         return len(self.shapes) - 1
 
+    def rows(self, flat: Tensor) -> Tensor:
+        """A tensor laid out as the logits, as one row per member (one row when unfused)."""
+        return flat.view(max(self.members, 1), -1)
+
     def part(self, flat: Tensor, index: int) -> Tensor:
         """Part ``index`` of a tensor laid out as the logits, shaped as its layer's weight."""
         start, shape = self.starts[index], self.shapes[index]
-        return flat[start:start + math.prod(shape)].view(shape)
+        if not self.members:
+            return flat[start:start + math.prod(shape)].view(shape)
+        rows = self.rows(flat)[:, start:start + math.prod(shape)]
+        return rows.view(self.members, *shape)
+
+    def member_part(self, row: Tensor, index: int) -> Tensor:
+        """Part ``index`` of one member's row, shaped as an unfused layer's weight."""
+        start, shape = self.starts[index], self.shapes[index]
+        return row[start:start + math.prod(shape)].view(shape)
 
     def soft_mask(self) -> Tensor:
         """The flat soft mask of this forward pass (computed on first use, and again once
@@ -91,10 +114,13 @@ class SoftMaskBank(nn.Module):
     def _compute(self) -> tuple:
         key = (self.logits._version, self.beta._version, torch.is_grad_enabled())
         if self.cached is None or self.cached[0] != key:
-            z = (self.beta * self.logits).clamp(min=-LOGIT_FLOOR)
-            flat = torch.sigmoid(z) * self.scale
-            parts = flat.split([math.prod(shape) for shape in self.shapes])
-            self.cached = (key, flat, [p.view(s) for p, s in zip(parts, self.shapes)])
+            logits = self.rows(self.logits) if self.members else self.logits
+            z = (self.beta * logits).clamp(min=-LOGIT_FLOOR)
+            mask = torch.sigmoid(z) * self.scale
+            lead = (self.members,) if self.members else ()
+            parts = mask.split([math.prod(shape) for shape in self.shapes], dim=-1)
+            self.cached = (key, mask.view(-1),
+                           [p.view(*lead, *s) for p, s in zip(parts, self.shapes)])
         return self.cached
 
     def forget(self, *_) -> None:
@@ -167,9 +193,11 @@ def _modules_by_name(model: nn.Module, names) -> dict[str, nn.Module]:
     return {n: modules[n] for n in names}
 
 
-def add_soft_masks(model: nn.Module, layer_names, s0: float) -> dict[str, SoftMask]:
+def add_soft_masks(model: nn.Module, layer_names,
+                   s0: float | list[float]) -> dict[str, SoftMask]:
     """Mask the weight of each named layer with a ``SoftMask`` at ``s0``, all of them views
-    of one ``SoftMaskBank`` (once: a model has one set of soft masks)."""
+    of one ``SoftMaskBank`` (once: a model has one set of soft masks). A fused group's model
+    (weights ``(K, *shape)``) takes one ``s0`` per member."""
     if soft_masks(model):
         raise ValueError("the model has soft masks already")
     layers = _modules_by_name(model, layer_names)
@@ -181,7 +209,8 @@ def add_soft_masks(model: nn.Module, layer_names, s0: float) -> dict[str, SoftMa
     model.register_forward_pre_hook(bank.forget)
     added = {}
     for name, module in layers.items():
-        added[name] = SoftMask(bank, module.weight.shape)
+        shape = module.weight.shape[1:] if bank.members else module.weight.shape
+        added[name] = SoftMask(bank, shape)
         parametrize.register_parametrization(module, "weight", added[name], unsafe=True)
     return added
 
