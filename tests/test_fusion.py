@@ -11,7 +11,8 @@ from ticketsearch.fusion import FusionError, check_fused, fuse_models
 from ticketsearch.hooks import Hooks
 from ticketsearch.methods.base import TrialRun
 from ticketsearch.methods.cs import epoch_temperature, penalty, target_step
-from ticketsearch.methods.group import GroupRun, plan_units
+from ticketsearch.methods.group import GroupRun
+from ticketsearch.methods.units import auto_size, member_bytes, plan_units
 from ticketsearch.sparsity.masks import add_soft_masks, mask_bank
 from ticketsearch.spec import parse_job
 
@@ -170,6 +171,7 @@ def test_a_user_conv_net_fuses_exactly():
 
 def jobs(cs: dict, **top):
     data = tiny_job_dict(cs=cs, imp={"rounds": 2}, dense={})
+    data["resources"] = {"cpus": 2}
     data.update(top)
     return parse_job(data)
 
@@ -202,3 +204,39 @@ def test_fuse_off_reads_the_yaml_boolean_and_a_number_is_a_group_size():
     assert jobs({"rounds": 1}, resources={"fuse": 3}).resources.fuse == 3
     with pytest.raises(Exception, match="fuse"):
         jobs({"rounds": 1}, resources={"fuse": 0})
+
+
+def test_auto_fuses_linear_nets_on_cpus_conv_nets_only_on_gpus_as_memory_allows():
+    mlp = jobs({"rounds": 1}).trials()[1]
+    assert auto_size(mlp) == 4
+    assert auto_size(jobs({"rounds": 1}, resources={"cpus": 1}).trials()[1]) == 1
+    conv = parse_job(tiny_job_dict(cs={"rounds": 1}) | {
+        "model": {"name": "resnet20"},
+        "data": {"dataset": "synthetic", "synthetic_shape": [3, 32, 32]}}).trials()[0]
+    assert auto_size(conv) == 1  # measured slower fused on a CPU (bench throughput)
+    on_gpu = conv.model_copy(update={"resources": conv.resources.model_copy(
+        update={"gpus": 0.5})})
+    each = member_bytes(on_gpu)
+    assert 1e6 < each < 4e9
+    assert auto_size(on_gpu, gpu_bytes=20 * each) == 5  # half of half the GPU: 5 members
+    assert auto_size(on_gpu, gpu_bytes=each) == 1
+    assert auto_size(on_gpu, gpu_bytes=1000 * each) == 16  # the cap
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_fused_convolution_grouped_or_per_member_is_each_members_own(monkeypatch, float64,
+                                                                      groups):
+    import ticketsearch.fusion as fusion
+
+    convs = [nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups) for _ in range(3)]
+    x = [torch.randn(5, 4, 9, 9) for _ in range(3)]
+    want = torch.cat([conv(part) for conv, part in zip(convs, x)], 1)
+    for per_member in (True, False):
+        monkeypatch.setattr(fusion, "PER_MEMBER_CONV_ON_CPU", per_member)
+        fused = fuse_models(convs)
+        got = fused(fusion.fuse_inputs(x))
+        assert relative_error(got, want) < 1e-12
+        got.square().sum().backward()
+        want_grad = torch.autograd.grad(want.square().sum(), convs[1].weight,
+                                        retain_graph=True)[0]
+        assert relative_error(fused.weight.grad[1], want_grad) < 1e-12

@@ -288,3 +288,103 @@ def format_bookkeeping(rows: list[dict]) -> str:
             lines.append(f"bookkeeping/epoch = {ratio:.3f} {verdict} the target <= "
                          f"{BOOKKEEPING_TARGET:.2f}")
     return "\n".join(lines)
+
+
+# --- throughput: trials one after another, concurrent Ray trials, one fused group ---------------
+
+THROUGHPUT_EPOCHS = {"mlp": 20, "resnet20": 2}
+
+
+class _NoCheckpoint:
+    """A group checkpoint store that keeps nothing (benchmarks are not resumed)."""
+
+    path = "(benchmark: none)"
+
+    def load(self):
+        return None
+
+    def save(self, state) -> None:
+        pass
+
+
+def throughput_job(model_name: str, members: int, epochs: int, device: str, fuse) -> object:
+    """A job of ``members`` CS trials (one search round of ``epochs`` epochs, no retraining,
+    one evaluation) that differ in seed and s0: what a sweep fuses."""
+    from .spec import parse_job
+
+    data = BENCH_DATA[model_name].model_dump(exclude_defaults=True)
+    seeds = list(range(members))
+    return parse_job({
+        "name": f"bench-throughput-{model_name}", "data": data, "model": {"name": model_name},
+        "train": {"epochs_per_round": epochs, "lr_milestones": [], "rewind_epoch": 0,
+                  "eval_every": epochs, "device": device, "checkpoint_every_s": 3600},
+        "methods": {"cs": {"rounds": 1, "sweep": {"seed": seeds}}},
+        "retrain": {"enabled": False},
+        "resources": {"fuse": fuse, "cpus": max(0.01, round(_cpus() / members, 2)),
+                      "gpus": round(1 / members, 3) if device == "cuda" else 0},
+    })
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _sequential(trials, data) -> float:
+    from .methods import run_trial
+
+    start = time.perf_counter()
+    for trial in trials:
+        run_trial(trial, data)
+    return time.perf_counter() - start
+
+
+def _fused(trials, data) -> float:
+    from .hooks import Hooks
+    from .methods.group import GroupRun
+
+    start = time.perf_counter()
+    GroupRun(trials, data, [Hooks() for _ in trials], _NoCheckpoint()).run()
+    return time.perf_counter() - start
+
+
+def _concurrent_on_ray(job) -> float:
+    """The makespan (first trial start to last trial end, process start-up excluded) of the
+    job's trials run as concurrent Ray Tune trials sharing the device."""
+    import tempfile
+
+    from .cluster import init_ray, run_job_on_ray
+
+    init_ray(None)
+    with tempfile.TemporaryDirectory() as folder:
+        summary = run_job_on_ray(job, storage=folder, echo=lambda _: None, track=False)
+    return summary["makespan_s"]
+
+
+def measure_throughput(model_name: str, members: int = 4, epochs: int | None = None,
+                       device: str = "auto", ray: bool = True) -> dict:
+    """Member-epochs per second of ``members`` CS trials of ``model_name`` trained (a) one
+    after another in this process, (b) as concurrent Ray trials sharing the device
+    (fractional CPUs/GPU) and (c) as one fused group in this process, side by side."""
+    dev = resolve_device(device)
+    epochs = epochs or THROUGHPUT_EPOCHS[model_name]
+    job = throughput_job(model_name, members, epochs, dev.type, "off")
+    trials = job.trials()
+    data = load_dataset(trials[0].data, dev)
+    warm = throughput_job(model_name, 2, 1, dev.type, "off").trials()
+    _sequential(warm, data)
+    _fused(warm, data)
+    seconds = {"sequential": _sequential(trials, data), "fused": _fused(trials, data)}
+    if ray:
+        seconds["concurrent"] = _concurrent_on_ray(job)
+    work = members * epochs
+    row = {"model": model_name, "device": str(dev), "members": members, "epochs": epochs}
+    for mode in ("sequential", "concurrent", "fused"):
+        if mode in seconds:
+            row[f"{mode}_s"] = round(seconds[mode], 2)
+            row[f"{mode} ep/s"] = round(work / seconds[mode], 2)
+    row["fused/sequential"] = round(seconds["sequential"] / seconds["fused"], 2)
+    if ray:
+        row["fused/concurrent"] = round(seconds["concurrent"] / seconds["fused"], 2)
+    return row

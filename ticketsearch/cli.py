@@ -438,6 +438,18 @@ def cmd_bench_methods(args) -> int:
     return 0
 
 
+def cmd_bench_throughput(args) -> int:
+    from .bench import format_bookkeeping, format_rows, measure_bookkeeping, measure_throughput
+
+    rows = [measure_throughput(m, args.members, args.epochs, args.device, args.ray)
+            for m in args.models.split(",")]
+    print(format_rows(rows))
+    if args.bookkeeping:
+        print()
+        print(format_bookkeeping([measure_bookkeeping()]))
+    return 0
+
+
 class _TicketMethods:
     """argparse choices: the registered methods that make tickets, read from the registry only
     when a choice is checked or listed (so the command starts without importing torch)."""
@@ -635,6 +647,20 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["auto", "fp32", "bf16", "fp16"])
     methods.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     methods.set_defaults(func=cmd_bench_methods)
+    throughput = bench_sub.add_parser(
+        "throughput", help="member-epochs/s of K CS trials one after another, as concurrent "
+        "Ray trials sharing the device, and as one fused group, side by side")
+    throughput.add_argument("--models", default="mlp,resnet20", help="comma-separated models "
+                            "(mlp on digits, resnet20 on CIFAR-shaped synthetic data)")
+    throughput.add_argument("--members", type=int, default=4, help="trials (K)")
+    throughput.add_argument("--epochs", type=int, default=None,
+                            help="epochs per trial (default: mlp 20, resnet20 2)")
+    throughput.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    throughput.add_argument("--no-ray", dest="ray", action="store_false",
+                            help="skip the concurrent Ray trials")
+    throughput.add_argument("--no-bookkeeping", dest="bookkeeping", action="store_false",
+                            help="skip the trial bookkeeping measurement")
+    throughput.set_defaults(func=cmd_bench_throughput)
     return parser
 
 

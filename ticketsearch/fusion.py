@@ -37,6 +37,7 @@ from torch import Tensor, nn
 __all__ = ["FusionError", "check_fused", "fuse_inputs", "fuse_models", "member_logits",
            "member_state", "stack_states"]
 
+PER_MEMBER_CONV_ON_CPU = True
 CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -87,6 +88,12 @@ class FusedConv(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and PER_MEMBER_CONV_ON_CPU:
+            return torch.cat([self.conv(part, w, None if self.bias is None else self.bias[k],
+                                        self.stride, self.padding, self.dilation,
+                                        self.groups // self.members)
+                              for k, (part, w) in enumerate(zip(x.chunk(self.members, 1),
+                                                               self.weight))], 1)
         bias = None if self.bias is None else self.bias.reshape(-1)
         return self.conv(x, self.weight.flatten(0, 1), bias, self.stride, self.padding,
                          self.dilation, self.groups)
@@ -150,14 +157,15 @@ def fuse_models(models: Sequence[nn.Module]) -> nn.Module:
             layer = _fused_layer([m[name] for m in modules])
         except FusionError as err:
             raise FusionError(f"layer {name or '(the model itself)'!r}: {err}") from None
+        if not name:  # the model is one layer
+            fused = layer
+            break
         _replace(fused, name, layer)
     device = next(iter(models[0].parameters())).device
     return fused.to(device)
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
-    if not name:
-        raise FusionError("the model holds parameters of its own; it cannot be fused")
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, layer)
 

@@ -164,9 +164,9 @@ class JobRun:
     def units(self) -> list[list[TrialSpec]]:
         """The unfinished trials as units of work: one trial, or a fused group of several
         (``resources.fuse``; ``methods.group.plan_units``)."""
-        from .methods.group import plan_units
+        from .methods.units import plan_units
 
-        return plan_units(self.unfinished(), self.spec.resources.fuse, *gpu_budget(self.spec))
+        return plan_units(self.unfinished(), self.spec.resources.fuse, local_gpu_bytes())
 
     def finished(self) -> list[TrialRecord]:
         records = [read_result(self.trial_dir(t)) for t in self.trials]
@@ -252,7 +252,8 @@ def run_one_group(trials: list[TrialSpec], root: Path, tracker, data=None,
     from .data import load_dataset
     from .fusion import FusionError
     from .jobdir import GroupCheckpoint
-    from .methods.group import GroupRun, check_fusible
+    from .methods.group import GroupRun
+    from .methods.units import check_fusible
     from .training import resolve_device
 
     if data is None:
@@ -291,18 +292,14 @@ def group_name(trials: list[TrialSpec]) -> str:
     return group_id([t.trial_id for t in trials])
 
 
-def gpu_budget(spec: JobSpec) -> tuple[float | None, Callable[[Any], float] | None]:
-    """What ``plan_units`` needs to size fused groups on GPUs: the memory of the GPU this
-    machine sees (None: the assumed cluster GPU's) and a per-member memory estimate."""
-    if spec.resources.gpus <= 0 and spec.train.device != "cuda":
-        return None, None
+def local_gpu_bytes() -> float | None:
+    """The memory of the GPU this machine sees (None without one): what a fused group's
+    size is planned against (a cluster's GPUs are assumed alike)."""
     import torch
 
-    from .methods.group import member_bytes
-
-    seen = torch.cuda.get_device_properties(0).total_memory \
-        if torch.cuda.is_available() else None
-    return seen, member_bytes
+    if not torch.cuda.is_available():
+        return None
+    return float(torch.cuda.get_device_properties(0).total_memory)
 
 
 def make_report(root: Path, echo: Echo) -> dict[str, Any] | None:

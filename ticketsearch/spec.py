@@ -897,9 +897,9 @@ class ResourcesSpec(_Spec):
         description="Fused groups: CS trials that differ only in s0, lambda, beta_final, "
         "target sparsity and seed train as one network of K members on one device (one "
         "forward/backward pass for all; each member keeps its own trial, runs, tickets and "
-        "report row). off = every trial alone; K = groups of at most K; auto = 4 on CPUs, "
-        "on a GPU as many as fit in half its memory (at most 16). A group asks for one "
-        "trial's resources.",
+        "report row). off = every trial alone; K = groups of at most K; auto = on a GPU as "
+        "many as fit in half its memory (at most 16); on CPUs 4 for linear nets given 2 or "
+        "more CPUs, else none (measured slower). A group asks for one trial's resources.",
     )
 
     @model_validator(mode="before")

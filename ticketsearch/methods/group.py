@@ -11,13 +11,12 @@ model, the optimizer, the stage, round and epoch, and one checkpoint
 one. A member's epoch costs the group's epoch seconds divided by K, and its ledger's device
 share is divided by K: the group's device time is split evenly between its members.
 
-``plan_units`` decides which trials of a job share a group (``resources.fuse``).
+``units.plan_units`` decides which trials of a job share a group (``resources.fuse``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +34,7 @@ from ..sparsity.masks import binary_masks, dense_state_dict, soft_masks, sparse_
 from ..training import evaluate, lr_for_epoch, set_lr, train_epoch
 from .base import StepHook, TrialRun, checkpoint_due
 from .registry import get_method
+from .units import probe_batch
 
 GROUP_PREFIX = "fused-"
 
@@ -138,7 +138,7 @@ class GroupRun:
         when the model cannot be fused."""
         models = [member.new_model(activation) for member in self.members]
         fused = fuse_models(models)
-        check_fused(fused, models, _probe(self.data).to(self.device))
+        check_fused(fused, models, probe_batch(self.data).to(self.device))
         return fused
 
     def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -317,114 +317,4 @@ def _offset(hook: StepHook | None, offset: int) -> StepHook | None:
     return lambda step: hook(offset + step)
 
 
-# --- which trials share a group ---------------------------------------------------------------
-
-CPU_FUSE = 4  # auto on CPU: the measured sweet spot (ticketsearch bench throughput)
-GPU_FUSE_MAX = 16  # auto on a GPU: at most this many members, as memory allows
-ASSUMED_GPU_BYTES = 16 * 2**30  # a cluster GPU's memory when the driver sees no GPU
-
-
-def fusion_key(trial) -> str | None:
-    """Trials with one key may share a group: same method, data, model, training, retraining
-    and resources, same settings but for the method's ``fuse_axes`` (set or unset alike in
-    all of them: targeted CS does not fuse with plain CS). None: the trial cannot be fused."""
-    method = get_method(trial.method)
-    if method.run_group is None or trial.resources.world > 1:
-        return None
-    if method.fusible is not None and method.fusible(trial) is not None:
-        return None
-    settings = trial.settings.model_dump(mode="json", by_alias=True)
-    kinds = {axis: settings.pop(axis, None) is None for axis in method.fuse_axes}
-    data = trial.model_dump(mode="json", exclude={"trial_id", "name", "seed", "settings"})
-    return json.dumps([trial.method, settings, data, kinds], sort_keys=True)
-
-
-def why_not_fusible(trial) -> str | None:
-    """Why ``trial`` cannot be fused, in words (None when it can)."""
-    method = get_method(trial.method)
-    if method.run_group is None:
-        return f"method {trial.method} has no fused runner (only cs trials fuse)"
-    if trial.resources.world > 1:
-        return "data-parallel trials (resources.workers > 1) are not fused"
-    return None if method.fusible is None else method.fusible(trial)
-
-
-def plan_units(trials, fuse: str | int, gpu_bytes: float | None = None,
-               member_bytes: Callable[[Any], float] | None = None) -> list[list]:
-    """The job's trials as units of work: a list of one trial, or a fused group of several.
-
-    ``fuse``: off (every trial alone), K (groups of at most K members) or auto: K is
-    ``CPU_FUSE`` for trials on CPUs; for trials given a GPU, as many members as fit in half
-    of their share of its memory (``gpu_bytes``, by ``member_bytes(trial)``), at most
-    ``GPU_FUSE_MAX``. Fusible trials with one key are split into groups of near-equal size.
-    """
-    if fuse == "off" or fuse == 1:
-        return [[t] for t in trials]
-    buckets: dict[str, list] = {}
-    units: list[list] = []
-    for trial in trials:
-        key = fusion_key(trial)
-        if key is None:
-            units.append([trial])
-        else:
-            buckets.setdefault(key, []).append(trial)
-    for members in buckets.values():
-        size = fuse if isinstance(fuse, int) else _auto_size(members[0], gpu_bytes, member_bytes)
-        count = -(-len(members) // max(1, size))
-        for index in range(count):
-            units.append(members[index::count] if count > 1 else members)
-    return units
-
-
-def _auto_size(trial, gpu_bytes: float | None, member_bytes) -> int:
-    if trial.resources.gpus <= 0 or member_bytes is None:
-        return CPU_FUSE
-    share = (gpu_bytes or ASSUMED_GPU_BYTES) * min(1.0, trial.resources.gpus)
-    return max(1, min(GPU_FUSE_MAX, int(0.5 * share // member_bytes(trial))))
-
-
-def _models(trials, data, count: int) -> list[nn.Module]:
-    from ..models import build_model
-
-    models = []
-    for trial in trials[:count]:
-        torch.manual_seed(trial.seed)
-        models.append(build_model(trial.model, data.num_classes, tuple(data.input_shape)))
-    return models
-
-
-def _probe(data) -> Tensor:
-    batch = next(iter(data.eval_batches("test", 2)), None) or \
-        next(iter(data.train_batches(2, torch.Generator().manual_seed(0))))
-    return batch[0].cpu()
-
-
-def check_fusible(trials, data) -> None:
-    """Raise FusionError unless the trials' model can be fused (two members fused and
-    compared on a probe batch, on the CPU)."""
-    models = _models(trials, data, 2)
-    check_fused(fuse_models(models), models, _probe(data))
-
-
-def member_bytes(trial) -> float:
-    """An estimate of the GPU memory one member of a fused group takes: its weights, their
-    gradients, momentum and mask logits (4 copies in fp32), plus every layer's output for a
-    batch of ``train.batch_size`` kept for the backward pass and its gradient (2 copies)."""
-    from ..data import load_dataset
-
-    data = load_dataset(trial.data, "cpu")
-    model = _models([trial], data, 1)[0]
-    outputs: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(getattr(out, "numel", int)()))
-             for m in model.modules() if not list(m.children())]
-    with torch.no_grad():
-        model(_probe(data))
-    for hook in hooks:
-        hook.remove()
-    params = sum(p.numel() for p in model.parameters())
-    per_example = sum(outputs) / 2
-    return 4.0 * (4 * params + 2 * per_example * trial.train.batch_size)
-
-
-__all__ = ["FusionError", "GroupRun", "MemberLoss", "check_fusible", "evaluate_members",
-           "fusion_key", "group_id", "member_bytes", "plan_units", "why_not_fusible"]
+__all__ = ["FusionError", "GroupRun", "MemberLoss", "evaluate_members", "group_id"]
