@@ -87,3 +87,40 @@ def test_the_fast_path_defaults_on_cuda():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
     fast = FastPath.for_trial(parse_job(tiny_job_dict()).train, torch.device("cuda"), model)
     assert fast.channels_last and fast.compile == "off"
+
+
+def test_a_fused_group_trains_on_the_gpu_as_its_members_do():
+    """The grouped-convolution path (the one GPUs take) in float64 on CUDA: one fused round
+    of three resnet20 members equals each member's own (as test_fusion checks on CPUs)."""
+    import test_fusion
+    from test_fusion import NoStore, member_trials, one_round, relative_error
+
+    from ticketsearch.hooks import Hooks
+    from ticketsearch.methods.group import GroupRun
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        cuda = {"device": "cuda", "precision": "fp32", "channels_last": False}
+        trials = [t.model_copy(update={"train": t.train.model_copy(update=cuda)})
+                  for t in member_trials({"name": "resnet20"}, {
+                      "dataset": "synthetic", "synthetic_shape": [3, 32, 32],
+                      "synthetic_size": 64})]
+        data = test_fusion.small_data(trials[0])
+        data._splits = {k: (x.cuda(), y.cuda()) for k, (x, y) in data._splits.items()}
+        data.device = torch.device("cuda")
+        group = GroupRun(trials, data, [Hooks() for _ in trials], NoStore())
+        group.begin()
+        group.enter("search")
+        fused = one_round(group, group.new_model(), [t.settings for t in trials],
+                          group.members)
+        weights = dict(fused.named_parameters())
+        for member, trial in enumerate(trials):
+            run = TrialRun(trial, data, Hooks())
+            run.begin()
+            run.enter("search")
+            alone = one_round(run, run.new_model(), [trial.settings], [run])
+            for name, want in alone.named_parameters():
+                if ".bank." not in name:
+                    assert relative_error(weights[name][member], want) < 1e-5, name
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .hooks import EpochEvent
-from .job import JobInterrupted, JobRun, group_name, run_one_group, run_one_trial, \
-    trial_errors
+from .job import JobInterrupted, JobRun, group_name, run_one_group, run_one_trial, trial_errors
 from .jobdir import ERROR_FILE, read_result, read_trial_error, write_trial_error
 from .spec import JobSpec
 

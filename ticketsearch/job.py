@@ -208,13 +208,12 @@ def trial_errors() -> tuple[type[BaseException], ...]:
     """Errors a trial can stop on that no retry mends (a bad spec, data, model, code or
     checkpoint): executors report them instead of retrying."""
     from .data import DatasetError
+    from .fusion import FusionError
     from .hooks import CheckpointError
     from .models import ModelError
     from .sparsity.ticketfile import TicketFormatError
     from .spec import SpecError
     from .usercode import UserCodeError
-
-    from .fusion import FusionError
 
     return (SpecError, DatasetError, ModelError, UserCodeError, CheckpointError,
             TicketFormatError, FusionError)

@@ -25,13 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..fusion import FusionError, check_fused, fuse_inputs, fuse_models, member_logits, \
-    member_state, stack_states
-from ..hooks import CHECKPOINT_VERSION, CheckpointError, EpochEvent, Hooks, RoundEvent, \
-    TrialResult
+from ..fusion import (
+    FusionError,
+    check_fused,
+    fuse_inputs,
+    fuse_models,
+    member_logits,
+    member_state,
+    stack_states,
+)
+from ..hooks import CHECKPOINT_VERSION, CheckpointError, EpochEvent, Hooks, RoundEvent, TrialResult
 from ..sparsity import cs
 from ..sparsity.masks import binary_masks, dense_state_dict, soft_masks, sparse_state_dict
-from ..training import evaluate, lr_for_epoch, set_lr, train_epoch
+from ..training import lr_for_epoch, set_lr, train_epoch
 from .base import StepHook, TrialRun, checkpoint_due
 from .registry import get_method
 from .units import probe_batch

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,16 +46,6 @@ def fusion_key(trial) -> str | None:
     kinds = {axis: settings.pop(axis, None) is None for axis in method.fuse_axes}
     data = trial.model_dump(mode="json", exclude={"trial_id", "name", "seed", "settings"})
     return json.dumps([trial.method, settings, data, kinds], sort_keys=True)
-
-
-def why_not_fusible(trial) -> str | None:
-    """Why ``trial`` cannot be fused, in words (None when it can)."""
-    method = get_method(trial.method)
-    if method.run_group is None:
-        return f"method {trial.method} has no fused runner (only cs trials fuse)"
-    if trial.resources.world > 1:
-        return "data-parallel trials (resources.workers > 1) are not fused"
-    return None if method.fusible is None else method.fusible(trial)
 
 
 def plan_units(trials, fuse: str | int, gpu_bytes: float | None = None) -> list[list]:
