@@ -251,3 +251,14 @@ def test_rerunning_a_finished_job_keeps_its_orchestration_costs(ray_local, tmp_p
     again = run_job_on_ray(job, storage=tmp_path, echo=quiet, track=False)
     assert first["orchestration"]["overhead_s"] >= 0
     assert again["orchestration"] == first["orchestration"]  # nothing ran: no new costs
+
+
+def test_a_restored_unit_this_session_did_not_plan_asks_for_the_jobs_resources():
+    """A restored Tune experiment can hold a unit finished (or regrouped) since: it gets the
+    job's resources instead of failing the restore (seen as a KeyError in CI)."""
+    from ticketsearch.cluster import _resource_request
+
+    job = parse_job(tiny_job_dict() | {"resources": {"cpus": 0.5}})
+    request = _resource_request({}, job.resources)
+    bundle = request({"trial": {"trial_id": "fused-2x-0123456789"}}).bundles
+    assert bundle == [{"CPU": 0.5}]

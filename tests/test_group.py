@@ -98,3 +98,14 @@ def test_a_fused_group_killed_mid_round_resumes_to_the_tickets_of_an_uninterrupt
         [t["trial_id"] for t in summary["trials"]]
     assert not list(root.glob("groups/*/checkpoint.pt"))
     assert json.loads((root / "trials" / first / "result.json").read_text())["fused_group"]
+
+
+def test_a_members_own_checkpoint_from_an_unfused_run_does_not_leak_into_its_group(tmp_path):
+    job = fused_job()
+    member = sorted(t.trial_id for t in job.trials())[0]
+    stale = tmp_path / f"{job.name}-{job.spec_hash()}" / "trials" / member / "checkpoint.pt"
+    stale.parent.mkdir(parents=True)
+    torch.save({"left": "by a run that trained this trial alone"}, stale)
+    summary = run_job_locally(job, storage=tmp_path, echo=lambda _: None, track=False)
+    assert [t["ledger"]["epochs"]["total"] for t in summary["trials"]] == [12, 12, 12]
+    assert not stale.exists()

@@ -97,11 +97,12 @@ def trial_function(config: dict[str, Any], job_dir: str, tracker, methods: dict,
             register(method)
     unit = [TrialSpec.model_validate_json(spec) for spec in config["trial"]["members"]]
     root = Path(job_dir)
-    dirs = [root / "trials" / trial.trial_id for trial in unit]
-    if all(read_result(folder) is not None for folder in dirs):  # finished earlier
-        tune.report({"step": sum(read_result(d).ledger.epochs["total"] for d in dirs),
-                     "done": True})
+    done = [read_result(root / "trials" / trial.trial_id) for trial in unit]
+    if all(record is not None for record in done):  # finished by an earlier attempt
+        tune.report({"step": sum(r.ledger.epochs["total"] for r in done), "done": True})
         return
+    unit = [trial for trial, record in zip(unit, done) if record is None]  # never twice
+    dirs = [root / "trials" / trial.trial_id for trial in unit]
     trial = unit[0]
     _configure_torch(trial)
     for folder in dirs:
@@ -433,6 +434,13 @@ def unit_name(unit: list) -> str:
     return f"fused group of {len(unit)} ({', '.join(t.trial_id for t in unit)})"
 
 
+def _unit_names(run: JobRun, units: list[list]) -> dict[str, str]:
+    """Readable names of this session's units and of the trials finished before it."""
+    planned = {t.trial_id for unit in units for t in unit}
+    names = {t.trial_id: t.name for t in run.trials if t.trial_id not in planned}
+    return names | {unit_id(u): unit_name(u) for u in units}
+
+
 def _tuner(run: JobRun, units: list[list], echo, code_paths: tuple[str, ...] = (),
            restore: bool = True):
     """The Tuner of the pending units (trials and fused groups): the job's Tune experiment
@@ -446,8 +454,10 @@ def _tuner(run: JobRun, units: list[list], echo, code_paths: tuple[str, ...] = (
     trainable = tune.with_parameters(trial_function, job_dir=str(run.root.resolve()),
                                      tracker=run.tracker, methods=methods,
                                      code_paths=tuple(code_paths))
-    resources = {unit_id(u): u[0].resources for u in units}  # a group asks as one trial
-    trainable = tune.with_resources(trainable, _resource_request(resources))
+    resources = {t.trial_id: t.resources for t in run.trials}
+    resources |= {unit_id(u): u[0].resources for u in units}  # a group asks as one trial
+    trainable = tune.with_resources(trainable, _resource_request(resources,
+                                                                 run.spec.resources))
     storage = str((run.root / "ray").resolve())
     path = Path(storage) / "tune"
     if tune.Tuner.can_restore(str(path)):
@@ -459,7 +469,7 @@ def _tuner(run: JobRun, units: list[list], echo, code_paths: tuple[str, ...] = (
     run_config = tune.RunConfig(
         name="tune", storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=run.spec.resources.max_failures),
-        callbacks=[make_progress({unit_id(u): unit_name(u) for u in units}, echo,
+        callbacks=[make_progress(_unit_names(run, units), echo,
                                  {unit_id(u): planned_epochs(u[0]) for u in units})],
     )
     configs = [{"trial_id": unit_id(u), "members": [t.to_json() for t in u]} for u in units]
@@ -474,13 +484,15 @@ def _tuner(run: JobRun, units: list[list], echo, code_paths: tuple[str, ...] = (
 DRIVER_CPUS = 0.01  # what a data-parallel trial's Tune trial holds while its workers train
 
 
-def _resource_request(resources: dict[str, Any]) -> Callable[[dict], dict]:
-    """Per-trial resources (trials of one job may differ) as Tune's callable form."""
+def _resource_request(resources: dict[str, Any], default) -> Callable[[dict], dict]:
+    """Per-unit resources as Tune's callable form; ``default`` (the job's) for a unit this
+    session did not plan (a restored experiment holds the units of the session that started
+    it, some of them finished since)."""
 
     from ray import tune
 
     def request(config: dict):
-        spec = resources[config["trial"]["trial_id"]]
+        spec = resources.get(config["trial"]["trial_id"], default)
         if spec.world > 1:  # its workers ask for their own; the Tune trial only waits on them
             return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}])
         bundle = {"CPU": spec.cpus}

@@ -268,6 +268,9 @@ def run_one_group(trials: list[TrialSpec], root: Path, tracker, data=None,
     hooks = [tracker.trial_hooks(d, t.trial_id) for d, t in zip(dirs, trials)]
     name = group_name(trials)
     store = GroupCheckpoint(root / "groups" / name)
+    if not store.path.exists():  # a member's own checkpoint (from an unfused run) is stale
+        for folder in dirs:
+            folder.checkpoint_path.unlink(missing_ok=True)
     try:
         results = GroupRun(trials, data, hooks, store).run()
     except BaseException:
