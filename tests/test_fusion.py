@@ -240,3 +240,46 @@ def test_a_fused_convolution_grouped_or_per_member_is_each_members_own(monkeypat
         want_grad = torch.autograd.grad(want.square().sum(), convs[1].weight,
                                         retain_graph=True)[0]
         assert relative_error(fused.weight.grad[1], want_grad) < 1e-12
+
+
+def test_fused_retraining_under_several_recipes_is_each_members_own(float64):
+    from ticketsearch.methods.retrain import retrain_group, retrain_pending
+    from ticketsearch.sparsity.masks import dense_state_dict
+
+    recipes = [{"name": "smooth", "label_smoothing": 0.1, "warmup_epochs": 2,
+                "activation": "silu"}, {"name": "vanilla"}]  # the first one's model is kept
+    trials = [t.model_copy(update={"retrain": t.retrain.model_copy(update={
+        "recipes": parse_job(tiny_job_dict() | {"retrain": {"recipes": recipes}}).retrain.recipes,
+        "epochs": 2})}) for t in member_trials({"name": "mlp", "mlp_hidden": [32, 16]},
+                                              {"dataset": "digits"})]
+    data = small_data(trials[0])
+
+    def pending(run, member: int):
+        """The same ticket for the fused and the unfused run of a member: random masks,
+        the member's initial weights as the rewind point."""
+        run.snapshot = dense_state_dict(run.new_model())
+        generator = torch.Generator().manual_seed(member)
+        masks = {name: torch.rand(run.snapshot[f"{name}.weight"].shape, generator=generator)
+                 > 0.4 for name in run.layer_names}
+        run.pending = [run.make_ticket("final", masks)]
+
+    group = GroupRun(trials, data, [Hooks() for _ in trials], NoStore())
+    group.begin()
+    group.enter("search")
+    for member, run in enumerate(group.members):
+        pending(run, member)
+    retrain_group(group)
+    for member, trial in enumerate(trials):
+        run = TrialRun(trial, data, Hooks())
+        run.begin()
+        run.enter("search")
+        pending(run, member)
+        retrain_pending(run)
+        (fused,), (alone,) = group.members[member].tickets, run.tickets
+        assert torch.equal(fused.masks["fc1"], alone.masks["fc1"])
+        for name in ("vanilla", "smooth"):
+            got, want = fused.meta["recipes"][name], alone.meta["recipes"][name]
+            assert got["test_acc"] == want["test_acc"] and got["retrain_epochs"] == 2
+        assert fused.meta["trained_activation"] == alone.meta["trained_activation"] == "silu"
+        for key, want in alone.trained.items():
+            assert relative_error(fused.trained[key], want) < 1e-5, key
