@@ -184,10 +184,10 @@ class TrialRun:
             batches = self.data.train_batches(self.train.batch_size, self.generator)
             trains = model if self.shard is None else self.shard.module(model, self.device)
             stats = train_epoch(trains, batches, optimizer, extra_loss,
-                                _offset(on_step, epoch * per_epoch),
-                                _offset(after_backward, epoch * per_epoch),
+                                at_offset(on_step, epoch * per_epoch),
+                                at_offset(after_backward, epoch * per_epoch),
                                 None if batch_loss is None else batch_loss(),
-                                _offset(after_step, epoch * per_epoch), self.fast)
+                                at_offset(after_step, epoch * per_epoch), self.fast)
             val, test = self._epoch_end(epoch, epochs, lr, stats, recipe)
         self._round_end(epochs, val, test, recipe)
         return val, test
@@ -331,12 +331,19 @@ class TrialRun:
         state = self.resuming
         if not self._resuming_this_stage() or state["round"] != self.round:
             return 0
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        self.fast.load_state(state["extra"])
-        torch.set_rng_state(state["torch_rng"])
         self.resuming = None
-        return state["epoch"]
+        return load_position(state, model, optimizer, self.fast)
+
+
+def load_position(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                  fast: FastPath) -> int:
+    """Load a checkpoint's model, optimizer, gradient scaler (in ``extra``) and torch RNG
+    state; returns the epoch to continue from (a trial's or a fused group's checkpoint)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    fast.load_state(state["extra"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"]
 
 
 def keep_trained(ticket: Ticket, model: nn.Module, activation: str) -> None:
@@ -365,7 +372,7 @@ def checkpoint_due(train, epochs_done: int, saved_at: float) -> bool:
     return time.monotonic() - saved_at >= train.checkpoint_every_s
 
 
-def _offset(hook: StepHook | None, offset: int) -> StepHook | None:
+def at_offset(hook: StepHook | None, offset: int) -> StepHook | None:
     """``hook`` taking the step within the round, given the step within the epoch."""
     if hook is None:
         return None

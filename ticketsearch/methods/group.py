@@ -26,8 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fusion import (
-    FusionError,
-    check_fused,
     fuse_inputs,
     fuse_models,
     member_logits,
@@ -38,9 +36,8 @@ from ..hooks import CHECKPOINT_VERSION, CheckpointError, EpochEvent, Hooks, Roun
 from ..sparsity import cs
 from ..sparsity.masks import binary_masks, dense_state_dict, soft_masks, sparse_state_dict
 from ..training import lr_for_epoch, set_lr, train_epoch
-from .base import StepHook, TrialRun, checkpoint_due
+from .base import StepHook, TrialRun, at_offset, checkpoint_due, load_position
 from .registry import get_method
-from .units import probe_batch
 
 GROUP_PREFIX = "fused-"
 
@@ -140,12 +137,11 @@ class GroupRun:
 
     # --- building blocks for group runners ------------------------------------------------
     def new_model(self, activation: str = "relu") -> nn.Module:
-        """The members' fresh models (each from its own seed) fused into one; FusionError
-        when the model cannot be fused."""
+        """The members' fresh models (each from its own seed) fused into one (whether the
+        model can be fused is checked once, before the group starts: ``job.run_one_group``
+        calls ``units.check_fusible``)."""
         models = [member.new_model(activation) for member in self.members]
-        fused = fuse_models(models)
-        check_fused(fused, models, probe_batch(self.data).to(self.device))
-        return fused
+        return fuse_models(models)
 
     def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return self.members[0].new_optimizer(model)
@@ -202,8 +198,8 @@ class GroupRun:
             batches = fused_batches([self.data.train_batches(self.train.batch_size, m.generator)
                                      for m in self.members])
             stats = train_epoch(model, batches, optimizer, extra_loss,
-                                _offset(on_step, epoch * per_epoch), None, loss,
-                                _offset(after_step, epoch * per_epoch), self.fast)
+                                at_offset(on_step, epoch * per_epoch), None, loss,
+                                at_offset(after_step, epoch * per_epoch), self.fast)
             vals, tests = self._epoch_end(epoch, epochs, lr, stats.seconds, loss.means(),
                                           recipe)
         self._round_end(epochs, vals, tests, recipe)
@@ -285,7 +281,7 @@ class GroupRun:
             "stage": self.stage, "stage_index": self.stage_index, "round": self.round,
             "epoch": self.epoch, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "fast": self.fast.state(), "members": members,
+            "extra": self.fast.state(), "members": members,
         })
         self.saved_at = time.monotonic()
 
@@ -294,12 +290,8 @@ class GroupRun:
         if state is None or state["stage_index"] != self.stage_index \
                 or state["round"] != self.round:
             return 0
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        self.fast.load_state(state["fast"])
-        torch.set_rng_state(state["torch_rng"])
         self.resuming = None
-        return state["epoch"]
+        return load_position(state, model, optimizer, self.fast)
 
 
 @torch.no_grad()
@@ -317,10 +309,4 @@ def evaluate_members(model: nn.Module, batches, members: int) -> list[float | No
     return (correct.double() / seen).tolist()
 
 
-def _offset(hook: StepHook | None, offset: int) -> StepHook | None:
-    if hook is None:
-        return None
-    return lambda step: hook(offset + step)
-
-
-__all__ = ["FusionError", "GroupRun", "MemberLoss", "evaluate_members", "group_id"]
+__all__ = ["GroupRun", "MemberLoss", "evaluate_members", "group_id"]
